@@ -1,0 +1,357 @@
+"""Checkpoints: read CompVis single files and diffusers folders into sdlite's native
+(CompVis) key space, detect the architecture, build models without a second copy of the
+weights, and export standard single-file `.safetensors`.
+
+Native keys are full CompVis keys: `model.diffusion_model.*` (UNet), `first_stage_model.*`
+(VAE), `cond_stage_model.transformer.*` (CLIP text encoder).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import keymap
+from .config import VARIANTS, CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+from .errors import CheckpointError, UnsupportedModelError
+from .tensorfile import load_pickle, load_safetensors, save_safetensors
+
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text": "cond_stage_model.transformer.",
+}
+COMPONENTS = tuple(PREFIXES)
+
+# Keys that real checkpoints carry and that inference does not use. Nothing else is ignored.
+IGNORED_KEYS = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights",
+}
+IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
+IGNORED_SUFFIXES = (".position_ids",)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+DIFFUSERS_PARTS = {"unet": ("unet", "diffusion_pytorch_model"), "vae": ("vae", "diffusion_pytorch_model"),
+                   "text": ("text_encoder", "model")}
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: native-keyed tensors (memory-mapped where the format allows)."""
+
+    path: Path
+    format: str  # "safetensors" | "ckpt" | "diffusers"
+    tensors: dict[str, torch.Tensor]
+    config: ModelConfig
+    has_ema: bool = False
+    ema: bool = False
+    metadata: dict = field(default_factory=dict)
+
+    def state_dict(self, component: str) -> dict[str, torch.Tensor]:
+        """One component's tensors with its prefix stripped (the module's own keys)."""
+        prefix = PREFIXES[component]
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def load(self, component: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+        """Build one model on `meta` and fill it from the file (no second copy when dtype matches)."""
+        with torch.device("meta"):
+            model = build_model(component, self.config)
+        state = {k: v.to(device=device, dtype=dtype or v.dtype) if v.is_floating_point() else v.to(device)
+                 for k, v in self.state_dict(component).items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval().requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored dtype of the UNet weights (what the file mostly holds)."""
+        return self.tensors[PREFIXES["unet"] + "input_blocks.0.0.weight"].dtype
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def build_model(component: str, cfg: ModelConfig) -> nn.Module:
+    from .clip import CLIPTextEncoder
+    from .unet import UNetModel
+    from .vae import AutoencoderKL
+
+    return {"unet": lambda: UNetModel(cfg.unet), "vae": lambda: AutoencoderKL(cfg.vae),
+            "text": lambda: CLIPTextEncoder(cfg.text)}[component]()
+
+
+# ---------------------------------------------------------------------------- reading files
+
+
+def open_checkpoint(path: str | Path, ema: bool = False) -> Checkpoint:
+    """Open a CompVis .ckpt/.safetensors single file or a diffusers folder.
+
+    `ema=True` selects the EMA UNet weights (`model_ema.*`) of files that carry both; the
+    default follows the CompVis v1 inference config (`use_ema: False`).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        tensors, fmt, meta = _read_diffusers(path), "diffusers", {}
+    else:
+        tensors, fmt, meta = _read_single_file(path)
+    tensors = _normalize_text_keys(tensors)
+    has_ema = any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates") for k in tensors)
+    if ema:
+        tensors = _select_ema(tensors, path)
+    cfg = detect(tensors, path)
+    validate(tensors, cfg, path)
+    return Checkpoint(path, fmt, tensors, cfg, has_ema=has_ema, ema=ema, metadata=meta)
+
+
+def _read_single_file(path: Path) -> tuple[dict, str, dict]:
+    if path.suffix.lower() == ".safetensors":
+        tensors, meta = load_safetensors(path)
+        return tensors, "safetensors", meta
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown checkpoint type (expected .safetensors, .ckpt or a diffusers folder)")
+    obj = load_pickle(path)
+    if isinstance(obj.get("state_dict"), dict):  # PyTorch Lightning wrapper
+        obj = obj["state_dict"]
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: the file holds no tensors")
+    return tensors, "ckpt", {}
+
+
+def _find_weight_file(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _read_part(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+    file = _find_weight_file(folder, stem)
+    if file is None:
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise CheckpointError(f"{folder}: no {stem}.safetensors or {stem}.bin (fp16 variants too) here; found {found[:6]}")
+    if file.suffix == ".safetensors":
+        return load_safetensors(file)[0]
+    return {k: v for k, v in load_pickle(file).items() if isinstance(v, torch.Tensor)}
+
+
+def _read_diffusers(root: Path) -> dict[str, torch.Tensor]:
+    missing = [sub for sub, _ in DIFFUSERS_PARTS.values() if not (root / sub).is_dir()]
+    if missing:
+        raise CheckpointError(
+            f"{root}: not a diffusers Stable Diffusion folder (missing {', '.join(f'{m}/' for m in missing)}); "
+            "pass a folder with unet/, vae/ and text_encoder/, or a single .safetensors/.ckpt file"
+        )
+    out = {}
+    for component, (sub, stem) in DIFFUSERS_PARTS.items():
+        state = _read_part(root / sub, stem)
+        converted, unknown = _diffusers_to_native(component, state)
+        if unknown:
+            raise CheckpointError(f"{root / sub}: unexpected keys for an SD v1 {component}: {_few(unknown)}")
+        out.update({PREFIXES[component] + k: v for k, v in converted.items()})
+    return out
+
+
+def _count(keys, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in keys if (m := rx.match(k))})
+
+
+def _diffusers_to_native(component: str, state: dict) -> tuple[dict, list]:
+    keys = list(state)
+    if component == "text":
+        return keymap.text_from_diffusers(state)
+    if component == "unet":
+        levels = _count(keys, r"down_blocks\.(\d+)\.")
+        attn = tuple(i for i in range(levels) if any(k.startswith(f"down_blocks.{i}.attentions.") for k in keys))
+        cfg = UNetConfig(channel_mult=(1,) * levels, attention_levels=attn,
+                         num_res_blocks=_count(keys, r"down_blocks\.0\.resnets\.(\d+)\."))
+        return keymap.unet_from_diffusers(state, cfg)
+    levels = _count(keys, r"encoder\.down_blocks\.(\d+)\.")
+    cfg = VAEConfig(ch_mult=(1,) * levels, num_res_blocks=_count(keys, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."))
+    return keymap.vae_from_diffusers(state, cfg)
+
+
+def _normalize_text_keys(tensors: dict) -> dict:
+    # Files saved with old transformers versions lack the `text_model.` level.
+    old = PREFIXES["text"] + "embeddings."
+    if not any(k.startswith(old) for k in tensors):
+        return tensors
+    fixed = {}
+    for k, v in tensors.items():
+        if k.startswith(PREFIXES["text"]) and not k.startswith(PREFIXES["text"] + "text_model."):
+            k = PREFIXES["text"] + "text_model." + k[len(PREFIXES["text"]):]
+        fixed[k] = v
+    return fixed
+
+
+def _select_ema(tensors: dict, path: Path) -> dict:
+    """Replace the UNet weights by their EMA copies (CompVis LitEma names drop the dots)."""
+    prefix = PREFIXES["unet"]
+    out = dict(tensors)
+    for k in tensors:
+        if k.startswith(prefix):
+            ema_key = "model_ema." + ("diffusion_model." + k[len(prefix):]).replace(".", "")
+            if ema_key not in tensors:
+                raise CheckpointError(f"{path}: EMA weights requested but the file has none (no {ema_key})")
+            out[k] = tensors[ema_key]
+    return out
+
+
+# ---------------------------------------------------------------------------- detection
+
+
+def _few(keys, n: int = 5) -> str:
+    keys = list(keys)
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def describe_foreign(tensors: dict) -> str:
+    """A short guess of what a non-SD-v1 file is, for error messages."""
+    keys = list(tensors)
+    if any(k.startswith("conditioner.embedders.") for k in keys) or "model.diffusion_model.label_emb.0.0.weight" in tensors:
+        return "an SDXL checkpoint"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "an SD 2.x checkpoint (OpenCLIP text encoder)"
+    if any(k.startswith(("lora_", "lora_unet_", "lora_te_")) or ".lora_" in k for k in keys):
+        return "a LoRA, not a full checkpoint"
+    if "encoder.conv_in.weight" in tensors and "decoder.conv_out.weight" in tensors:
+        return "a standalone VAE, not a full checkpoint"
+    if any(k.startswith(("text_model.", "embeddings.token_embedding")) for k in keys):
+        return "a text encoder alone, not a full checkpoint"
+    return f"no Stable Diffusion layout (first keys: {_few(sorted(keys), 3)})"
+
+
+def detect(tensors: dict, path: Path | str = "checkpoint") -> ModelConfig:
+    """Infer the architecture from tensor names and shapes; refuse anything but SD v1."""
+    unet_key = PREFIXES["unet"] + "input_blocks.0.0.weight"
+    foreign = describe_foreign(tensors) if unet_key not in tensors else None
+    if foreign is None and any(k.startswith(("conditioner.", "cond_stage_model.model.")) for k in tensors):
+        foreign = describe_foreign(tensors)
+    if foreign:
+        raise UnsupportedModelError(f"{path}: not an SD v1.x checkpoint: it looks like {foreign}")
+    for component in ("vae", "text"):
+        if not any(k.startswith(PREFIXES[component]) for k in tensors):
+            raise UnsupportedModelError(f"{path}: incomplete checkpoint: no {component} weights ({PREFIXES[component]}*)")
+    unet = _infer_unet({k[len(PREFIXES["unet"]):]: v for k, v in tensors.items() if k.startswith(PREFIXES["unet"])}, path)
+    vae = _infer_vae({k[len(PREFIXES["vae"]):]: v for k, v in tensors.items() if k.startswith(PREFIXES["vae"])}, path)
+    text = _infer_text({k[len(PREFIXES["text"]):]: v for k, v in tensors.items() if k.startswith(PREFIXES["text"])}, path)
+    if text.width != unet.context_dim:
+        raise UnsupportedModelError(f"{path}: text encoder width {text.width} does not match the UNet's context {unet.context_dim}")
+    return ModelConfig(_variant_name(unet, vae, text), unet, vae, text)
+
+
+def _variant_name(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig) -> str:
+    for name, v in VARIANTS.items():
+        if replace(v.unet, in_channels=unet.in_channels) == unet and v.vae == vae and v.text == text:
+            base = name.removesuffix("-inpainting")
+            return base + "-inpainting" if unet.in_channels == 9 else base
+    return "sd-v1-custom"
+
+
+def _shape(sd: dict, key: str, path) -> torch.Size:
+    if key not in sd:
+        raise UnsupportedModelError(f"{path}: not an SD v1 layout: missing {key}")
+    return sd[key].shape
+
+
+def _infer_unet(sd: dict, path) -> UNetConfig:
+    mc, cin = _shape(sd, "input_blocks.0.0.weight", path)[:2]
+    if cin not in (4, 9):
+        kind = "an InstructPix2Pix checkpoint" if cin == 8 else f"a UNet with {cin} input channels"
+        raise UnsupportedModelError(f"{path}: not an SD v1.x checkpoint: it looks like {kind} (SD v1 has 4, inpainting 9)")
+    ctx_keys = [k for k in sd if k.endswith("attn2.to_k.weight")]
+    context = sd[ctx_keys[0]].shape[1] if ctx_keys else 0
+    proj_in = sd.get("middle_block.1.proj_in.weight")
+    if context == 1024 or (proj_in is not None and proj_in.ndim == 2):
+        raise UnsupportedModelError(f"{path}: not an SD v1.x checkpoint: it looks like an SD 2.x checkpoint (context width {context})")
+    mults, attn, counts, level = [], [], [0], 0
+    for i in range(1, _count(sd, r"input_blocks\.(\d+)\.")):
+        if f"input_blocks.{i}.0.op.weight" in sd:
+            level += 1
+            counts.append(0)
+            continue
+        if counts[level] == 0:
+            mults.append(_shape(sd, f"input_blocks.{i}.0.in_layers.2.weight", path)[0] // mc)
+        if f"input_blocks.{i}.1.proj_in.weight" in sd and level not in attn:
+            attn.append(level)
+        counts[level] += 1
+    depth = _count(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
+    return UNetConfig(in_channels=cin, out_channels=_shape(sd, "out.2.weight", path)[0], model_channels=mc,
+                      channel_mult=tuple(mults), num_res_blocks=counts[0], attention_levels=tuple(attn),
+                      num_heads=8, context_dim=context, transformer_depth=depth)
+
+
+def _infer_vae(sd: dict, path) -> VAEConfig:
+    ch, cin = _shape(sd, "encoder.conv_in.weight", path)[:2]
+    levels = _count(sd, r"encoder\.down\.(\d+)\.")
+    mults = tuple(_shape(sd, f"encoder.down.{i}.block.0.conv2.weight", path)[0] // ch for i in range(levels))
+    return VAEConfig(in_channels=cin, out_channels=_shape(sd, "decoder.conv_out.weight", path)[0], ch=ch,
+                     ch_mult=mults, num_res_blocks=_count(sd, r"encoder\.down\.0\.block\.(\d+)\."),
+                     z_channels=_shape(sd, "decoder.conv_in.weight", path)[1],
+                     embed_dim=_shape(sd, "quant_conv.weight", path)[0] // 2)
+
+
+def _infer_text(sd: dict, path) -> CLIPTextConfig:
+    vocab, width = _shape(sd, "text_model.embeddings.token_embedding.weight", path)
+    return CLIPTextConfig(vocab_size=vocab, max_positions=_shape(sd, "text_model.embeddings.position_embedding.weight", path)[0],
+                          width=width, layers=_count(sd, r"text_model\.encoder\.layers\.(\d+)\."),
+                          heads=max(1, width // 64),  # ViT-L/14: 64-wide heads
+                          mlp_width=_shape(sd, "text_model.encoder.layers.0.mlp.fc1.weight", path)[0])
+
+
+def _ignored(key: str) -> bool:
+    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES) or key.endswith(IGNORED_SUFFIXES)
+
+
+def validate(tensors: dict, cfg: ModelConfig, path) -> None:
+    """Every expected key present with the right shape; nothing unexpected but the ignore list."""
+    expected = {}
+    for component, prefix in PREFIXES.items():
+        with torch.device("meta"):
+            model = build_model(component, cfg)
+        expected.update({prefix + k: v.shape for k, v in model.state_dict().items()})
+    present = {k for k in tensors if not _ignored(k)}
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(expected[k])})"
+             for k in sorted(present & set(expected)) if tensors[k].shape != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_few(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shapes: {_few(wrong, 3)}")
+    if problems:
+        raise CheckpointError(f"{path}: does not match the {cfg.name} architecture: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, ema: bool = False) -> Path:
+    """Write any supported checkpoint as a standard CompVis-layout single-file .safetensors.
+
+    Only the weights inference uses are written (no EMA copy, no schedule buffers).
+    `dtype` converts floating-point weights (e.g. torch.float16 halves the file).
+    """
+    dst = Path(dst)
+    if dst.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{dst}: the output must be a .safetensors file")
+    if not dst.parent.is_dir():
+        raise CheckpointError(f"{dst.parent}: output folder does not exist")
+    ckpt = open_checkpoint(src, ema=ema)
+    out = {k: v for k, v in ckpt.tensors.items() if not _ignored(k)}
+    save_safetensors(out, dst, metadata={"format": "pt", "sdlite.architecture": ckpt.config.name}, cast=dtype)
+    return dst

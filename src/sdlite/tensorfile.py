@@ -1,0 +1,170 @@
+"""Reading and writing tensor files without a second copy of the weights.
+
+- `.safetensors` is parsed here and memory-mapped (copy-on-write), so a tensor costs no RAM
+  until its pages are touched, and loading never builds a second copy.
+- `.ckpt` / `.pt` / `.bin` go through `torch.load(weights_only=True)` only (mmap when the file is
+  a zip archive), so a pickle that would run code is refused before anything runs.
+- Writing streams one tensor at a time, in the standard safetensors layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+CODES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, dict, int]:
+    """(tensor entries, __metadata__, offset of the data section); validates sizes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: not a valid safetensors file (header length {n} exceeds the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header")
+    meta = header.pop("__metadata__", None) or {}
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: file is truncated ({size} bytes, the header describes {8 + n + end}); download it again"
+        )
+    return header, meta, 8 + n
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors of a .safetensors file as zero-copy views of a private memory map."""
+    path = Path(path)
+    header, meta, start = read_safetensors_header(path)
+    size = path.stat().st_size
+    if size == 0:
+        return {}, meta
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    whole = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,))
+    out = {}
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            a, b = entry["data_offsets"]
+            shape = entry["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}") from None
+        raw = whole[start + a : start + b]
+        if (start + a) % dtype.itemsize:  # misaligned (unusual writer): fall back to a copy
+            raw = raw.clone()
+        try:
+            out[name] = raw.view(dtype).reshape(shape)
+        except RuntimeError:
+            raise CheckpointError(f"{path}: tensor {name!r} has a size that does not match its shape") from None
+    return out, meta
+
+
+class _Placeholder:
+    """Stands in for non-tensor objects that training frameworks pickle beside the weights
+    (e.g. PyTorch Lightning's ModelCheckpoint callback state in CompVis .ckpt files)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# Non-tensor globals found in real SD .ckpt files; mapped to harmless stand-ins or
+# data-only constructors. Anything else is refused by torch's weights_only unpickler.
+def _safe_globals() -> list:
+    import numpy as np
+
+    allowed: list = [
+        (_Placeholder, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+        (_Placeholder, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
+        np.dtype,
+    ]
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed.append((core.multiarray.scalar, f"{mod}.scalar"))
+    allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32")]
+    return allowed
+
+
+def load_pickle(path: str | os.PathLike) -> dict:
+    """torch.load(weights_only=True), memory-mapped when possible, with one-line errors."""
+    path = Path(path)
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        raise CheckpointError(
+            f"{path}: refused to load: the file's pickle asks to run code or build objects that are not "
+            f"weights ({detail.strip()[:160]}); convert it to .safetensors with a tool you trust"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt file?): {msg[:200]}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a checkpoint: the file holds a {type(obj).__name__}, not a dict of tensors")
+    return obj
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None,
+                     cast: torch.dtype | None = None) -> None:
+    """Write a standard .safetensors file one tensor at a time (no full in-memory copy).
+
+    `cast` converts floating-point tensors as they are written. Written to a temporary file
+    and renamed, so an interrupted export leaves nothing behind.
+    """
+    path = Path(path)
+
+    def out_dtype(t: torch.Tensor) -> torch.dtype:
+        return cast if cast is not None and t.is_floating_point() else t.dtype
+
+    # Larger element sizes first keeps every tensor aligned to its itemsize.
+    names = sorted(tensors, key=lambda k: (-out_dtype(tensors[k]).itemsize, k))
+    header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}}
+    offset = 0
+    for name in names:
+        t, dtype = tensors[name], out_dtype(tensors[name])
+        if dtype not in CODES:
+            raise CheckpointError(f"cannot store {name!r}: dtype {dtype} has no safetensors code")
+        nbytes = t.numel() * dtype.itemsize
+        header[name] = {"dtype": CODES[dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data section starts 8-byte aligned
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name in names:
+                t = tensors[name].detach().to("cpu", out_dtype(tensors[name])).contiguous().reshape(-1)
+                f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
