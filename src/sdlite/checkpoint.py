@@ -38,8 +38,12 @@ IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
 IGNORED_SUFFIXES = (".position_ids",)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-DIFFUSERS_PARTS = {"unet": ("unet", "diffusion_pytorch_model"), "vae": ("vae", "diffusion_pytorch_model"),
-                   "text": ("text_encoder", "model")}
+# Sub-folder and weight file names (in order of preference) of each part of a diffusers folder.
+_DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                    "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+_TRANSFORMERS_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
+DIFFUSERS_PARTS = {"unet": ("unet", _DIFFUSERS_FILES), "vae": ("vae", _DIFFUSERS_FILES),
+                   "text": ("text_encoder", _TRANSFORMERS_FILES)}
 
 
 @dataclass
@@ -127,18 +131,11 @@ def _read_single_file(path: Path) -> tuple[dict, str, dict]:
     return tensors, "ckpt", {}
 
 
-def _find_weight_file(folder: Path, stem: str) -> Path | None:
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def _read_part(folder: Path, stem: str) -> dict[str, torch.Tensor]:
-    file = _find_weight_file(folder, stem)
+def _read_part(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    file = next((folder / n for n in names if (folder / n).is_file()), None)
     if file is None:
-        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-        raise CheckpointError(f"{folder}: no {stem}.safetensors or {stem}.bin (fp16 variants too) here; found {found[:6]}")
+        found = sorted(p.name for p in folder.iterdir())
+        raise CheckpointError(f"{folder}: no weights file ({names[0]}, {names[2]} or their fp16 variants); found {found[:6]}")
     if file.suffix == ".safetensors":
         return load_safetensors(file)[0]
     return {k: v for k, v in load_pickle(file).items() if isinstance(v, torch.Tensor)}
@@ -152,8 +149,8 @@ def _read_diffusers(root: Path) -> dict[str, torch.Tensor]:
             "pass a folder with unet/, vae/ and text_encoder/, or a single .safetensors/.ckpt file"
         )
     out = {}
-    for component, (sub, stem) in DIFFUSERS_PARTS.items():
-        state = _read_part(root / sub, stem)
+    for component, (sub, names) in DIFFUSERS_PARTS.items():
+        state = _read_part(root / sub, names)
         converted, unknown = _diffusers_to_native(component, state)
         if unknown:
             raise CheckpointError(f"{root / sub}: unexpected keys for an SD v1 {component}: {_few(unknown)}")

@@ -1,0 +1,66 @@
+"""Shared fixtures: reference pipelines with seeded random weights, written in real formats."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from refmodels import diffusers_pipeline, diffusers_unet
+from sdlite.config import SD_V1, TINY, ModelConfig, with_in_channels
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@dataclass
+class RefModel:
+    cfg: ModelConfig
+    pipe: object  # diffusers StableDiffusionPipeline (fp32, CPU)
+    folder: Path  # the pipeline saved as a diffusers folder (safetensors)
+
+
+def tolerance(reference: torch.Tensor, rel: float = 1e-4) -> float:
+    """The suite's tolerance: rel x max(1, max |reference|)."""
+    return rel * max(1.0, reference.abs().max().item())
+
+
+def assert_close(actual: torch.Tensor, reference: torch.Tensor, rel: float = 1e-4, what: str = "") -> float:
+    diff = (actual.double() - reference.double()).abs().max().item()
+    tol = tolerance(reference, rel)
+    assert actual.shape == reference.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    assert diff <= tol, f"{what}: max abs diff {diff:.3e} > tolerance {tol:.3e}"
+    print(f"[diff] {what}: max abs diff {diff:.3e} (tol {tol:.1e}, max|ref| {reference.abs().max().item():.3g})")
+    return diff
+
+
+def _make(tmp_path_factory, cfg: ModelConfig, name: str, seed: int) -> RefModel:
+    folder = tmp_path_factory.mktemp(name)
+    pipe = diffusers_pipeline(cfg, folder, seed=seed)
+    pipe.save_pretrained(folder / "diffusers", safe_serialization=True)
+    return RefModel(cfg, pipe, folder / "diffusers")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> RefModel:
+    return _make(tmp_path_factory, TINY, "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint(tmp_path_factory) -> RefModel:
+    return _make(tmp_path_factory, with_in_channels(TINY, 9), "tiny_inpaint", seed=10)
+
+
+@pytest.fixture(scope="session")
+def full(tmp_path_factory) -> RefModel:
+    ref = _make(tmp_path_factory, SD_V1, "full", seed=100)
+    yield ref
+    del ref
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def full_inpaint_unet():
+    return diffusers_unet(with_in_channels(SD_V1, 9).unet, seed=200)
