@@ -123,8 +123,11 @@ def hf_tokenizer(folder):
     from transformers import CLIPTokenizer
 
     write_hf_tokenizer_files(folder)
-    return CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
-                         pad_token="<|endoftext|>")
+    # transformers 5 ignores vocab_file/merges_file given to the constructor; from_pretrained reads them.
+    tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, model_max_length=77,
+                                        pad_token="<|endoftext|>")
+    assert len(tok) == 49408 and tok("a photograph of an astronaut")["input_ids"][:3] == [49406, 320, 8853]
+    return tok
 
 
 def diffusers_pipeline(cfg, folder, seed: int = 0):
@@ -141,3 +144,20 @@ def diffusers_pipeline(cfg, folder, seed: int = 0):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     return pipe
+
+
+def reference_scheduler(sampler: str, karras: bool = False):
+    """The diffusers scheduler sdlite's sampler is tested against (SD v1.5 scheduler settings)."""
+    import diffusers
+
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    if sampler == "plms":
+        return diffusers.PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **common)
+    if sampler == "ddim":
+        return diffusers.DDIMScheduler(set_alpha_to_one=False, clip_sample=False, **common)
+    if sampler == "dpmpp_2m":
+        return diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+                                                     use_karras_sigmas=karras, **common)
+    cls = {"euler": diffusers.EulerDiscreteScheduler, "euler_a": diffusers.EulerAncestralDiscreteScheduler,
+           "heun": diffusers.HeunDiscreteScheduler}[sampler]
+    return cls(**common, **({"use_karras_sigmas": True} if karras else {}))

@@ -1,0 +1,331 @@
+"""txt2img, img2img and inpainting, composed from small steps:
+encode_prompt -> prepare_latents -> denoise -> decode.
+
+Random draws follow the references exactly: image i of a batch owns a CPU generator seeded with
+seed + i (the AUTOMATIC1111 convention), and each generator is consumed in diffusers' order
+(posterior sample of the init image, x_T noise, posterior sample of the masked image, then the
+per-step noise of ancestral samplers). x_T is drawn in float32 on the CPU and then moved to the
+device, so a seed gives the same image as CompVis and diffusers (CPU generator) on any device.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from . import images as imgs
+from . import samplers, schedule
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import InputError, SdliteError
+from .tokenizer import get_tokenizer
+
+Callback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass
+class Result:
+    """Generated images and, for each, the exact parameters that reproduce it."""
+
+    images: list[Image.Image]
+    params: list[dict] = field(default_factory=list)
+    latents: torch.Tensor | None = None  # final VP latents (B, 4, h, w), float32, before decoding
+
+
+@dataclass
+class _Job:
+    """What one generation call asked for, after validation."""
+
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int]
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    karras: bool
+    clip_skip: int
+    eta: float
+    generators: list[torch.Generator] = field(default_factory=list)
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+class StableDiffusion:
+    """A Stable Diffusion v1.x model ready to generate.
+
+    `StableDiffusion("model.safetensors")` accepts CompVis .ckpt/.safetensors files and
+    diffusers folders. `device` defaults to "cpu"; `dtype` to float32 on CPU and float16 on GPUs.
+    """
+
+    def __init__(self, model: str | Path | Checkpoint, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, ema: bool = False):
+        self.checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model, ema=ema)
+        self.device = torch.device(device)
+        self.dtype = dtype or _default_dtype(self.device)
+        self.config = self.checkpoint.config
+        self.text_encoder = self.checkpoint.load("text", self.dtype, self.device)
+        self.unet = self.checkpoint.load("unet", self.dtype, self.device)
+        self.vae = self.checkpoint.load("vae", self.dtype, self.device)
+        self.tokenizer = get_tokenizer()
+        self.alphas_cumprod = schedule.alphas_cumprod()
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        return self.config.unet.in_channels == 9
+
+    @property
+    def latent_factor(self) -> int:
+        return self.config.vae.downscale
+
+    # ------------------------------------------------------------------ steps
+
+    def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+        """Text -> (B, 77, width) context in the model dtype; warns when a prompt was truncated."""
+        tokens = [self.tokenizer.tokenize(p) for p in prompts]
+        for p, t in zip(prompts, tokens):
+            if t.num_truncated:
+                warnings.warn(f"prompt truncated to 77 tokens ({t.num_truncated} dropped): {p[:60]!r}", stacklevel=3)
+        ids = torch.tensor([t.ids for t in tokens], device=self.device)
+        with torch.inference_mode():
+            return self.text_encoder(ids, clip_skip=clip_skip)
+
+    def noise(self, job: _Job) -> torch.Tensor:
+        """One draw of unit noise per image from its own generator, float32 on the CPU."""
+        shape = (1, self.config.unet.out_channels, job.height // self.latent_factor, job.width // self.latent_factor)
+        return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in job.generators])
+
+    def encode_image(self, image: torch.Tensor, job: _Job) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents, sampling the posterior per generator."""
+        out = []
+        with torch.inference_mode():
+            for i, g in enumerate(job.generators):
+                mean, logvar = self.vae.encode(image[i : i + 1].to(self.device, self.dtype))
+                eps = torch.randn(mean.shape, generator=g, dtype=torch.float32).to(self.device, mean.dtype)
+                out.append(mean + torch.exp(0.5 * logvar) * eps)
+        return torch.cat(out).float() * self.config.vae.scale_factor
+
+    def denoise(self, x: torch.Tensor, sigmas: torch.Tensor, job: _Job, cond: torch.Tensor,
+                uncond: torch.Tensor | None, extra_channels: torch.Tensor | None = None,
+                callback: Callback | None = None) -> torch.Tensor:
+        """Run the sampler from VE latents at sigmas[0]; returns VP latents (float32)."""
+        interpolation = samplers.timestep_interpolation(job.sampler, job.karras)
+        denoiser = samplers.Denoiser(self._eps, self.alphas_cumprod, interpolation=interpolation)
+        model = denoiser.bind(cond, uncond, job.guidance_scale, extra_channels)
+        options = {"eta": job.eta} if job.sampler in ("ddim", "euler_a") and job.eta is not None else {}
+        with torch.inference_mode():
+            x = samplers.get_sampler(job.sampler)(model, x, sigmas, callback=callback,
+                                                  noise_sampler=self._noise_sampler(x, job), **options)
+        return samplers.to_vp(x, sigmas[-1])
+
+    def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(x.to(self.dtype), t.to(self.device), context).float()
+
+    def _noise_sampler(self, x: torch.Tensor, job: _Job):
+        def draw(sigma, sigma_next):
+            return self.noise(job).to(x.device)
+        return draw
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VP latents -> images (B, 3, H, W) in [-1, 1], float32; refuses NaN/inf output."""
+        z = latents / self.config.vae.scale_factor
+        if not torch.isfinite(z).all():
+            raise SdliteError("the sampler produced NaN/inf latents (try float32, fewer steps or another sampler)")
+        with torch.inference_mode():
+            image = self.vae.decode(z.to(self.device, self.dtype)).float()
+            if not torch.isfinite(image).all() and self.dtype != torch.float32:
+                warnings.warn("VAE decode gave NaN/inf in reduced precision; retrying in float32", stacklevel=2)
+                image = self.vae.float().decode(z.float().to(self.device)).float()
+                self.vae.to(self.dtype)
+        if not torch.isfinite(image).all():
+            raise SdliteError("the VAE decoder produced NaN/inf (broken VAE weights?)")
+        return image
+
+    # ------------------------------------------------------------------ jobs
+
+    def _job(self, prompt, negative_prompt, *, width, height, steps, guidance_scale, sampler, karras, seed,
+             batch_size, clip_skip, eta) -> _Job:
+        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InputError("prompt must be a string or a non-empty list of strings")
+        if isinstance(negative_prompt, str) or negative_prompt is None:
+            negatives = [negative_prompt or ""] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        _check_size(width, height, self.latent_factor)
+        schedule.check_steps(steps)
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise InputError(f"guidance scale must be a finite number, got {guidance_scale!r}")
+        samplers.get_sampler(sampler)
+        seed = random.randrange(2**32) if seed is None else seed
+        if not isinstance(seed, int) or seed < 0:
+            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+        seeds = [seed + i for i in range(len(prompts))]
+        job = _Job(prompts, negatives, seeds, width, height, steps, float(guidance_scale), sampler, karras,
+                   clip_skip, eta)
+        job.generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return job
+
+    def _conditioning(self, job: _Job):
+        cond = self.encode_prompt(job.prompts, job.clip_skip)
+        uncond = None if job.guidance_scale == 1 else self.encode_prompt(job.negatives, job.clip_skip)
+        return cond, uncond
+
+    def _sigmas(self, job: _Job) -> torch.Tensor:
+        return samplers.get_sigmas(job.sampler, job.steps, job.karras, alphas_cumprod=self.alphas_cumprod)
+
+    def _finish(self, latents: torch.Tensor, job: _Job, mode: str, extra: dict) -> Result:
+        pictures = imgs.to_pil(self.decode(latents))
+        params = []
+        for i, seed in enumerate(job.seeds):
+            p = {"mode": mode, "prompt": job.prompts[i], "negative_prompt": job.negatives[i], "seed": seed,
+                 "steps": job.steps, "sampler": job.sampler, "sampler_label": samplers.sampler_label(job.sampler, job.karras),
+                 "karras": job.karras, "cfg_scale": job.guidance_scale, "width": job.width, "height": job.height,
+                 "clip_skip": job.clip_skip, "model": self.checkpoint.path.stem, "architecture": self.config.name}
+            if job.eta is not None and job.sampler in ("ddim", "euler_a"):
+                p["eta"] = job.eta
+            params.append({**p, **extra})
+        return Result(pictures, params, latents)
+
+    # ------------------------------------------------------------------ public API
+
+    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] | None = "", *, width: int = 512,
+                height: int = 512, steps: int = 50, guidance_scale: float = 7.5, sampler: str = "plms",
+                karras: bool = False, seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
+                eta: float | None = None, callback: Callback | None = None) -> Result:
+        """Generate images from text. Defaults follow the CompVis txt2img script (PLMS, 50 steps, 7.5)."""
+        job = self._job(prompt, negative_prompt, width=width, height=height, steps=steps,
+                        guidance_scale=guidance_scale, sampler=sampler, karras=karras, seed=seed,
+                        batch_size=batch_size, clip_skip=clip_skip, eta=eta)
+        if self.is_inpainting_model:
+            raise InputError("this is an inpainting checkpoint (9-channel UNet): use inpaint(), not txt2img()")
+        cond, uncond = self._conditioning(job)
+        sigmas = self._sigmas(job)
+        x = self.noise(job).to(self.device) * samplers.initial_noise_scale(sampler, sigmas)
+        return self._finish(self.denoise(x, sigmas, job, cond, uncond, callback=callback), job, "txt2img", {})
+
+    def img2img(self, prompt: str | list[str], init_image, negative_prompt: str | list[str] | None = "", *,
+                strength: float = 0.75, width: int | None = None, height: int | None = None, steps: int = 50,
+                guidance_scale: float = 7.5, sampler: str = "ddim", karras: bool = False, seed: int | None = None,
+                batch_size: int = 1, clip_skip: int = 1, eta: float | None = None,
+                callback: Callback | None = None) -> Result:
+        """Repaint an image: noise it to `strength` of the schedule and denoise from there.
+
+        The init image (any PIL mode, or a path) is resized to width x height, which default to
+        its own size rounded down to multiples of 8.
+        """
+        image, job = self._image_job(init_image, prompt, negative_prompt, width, height, steps, guidance_scale,
+                                     sampler, karras, seed, batch_size, clip_skip, eta)
+        sigmas = _truncate(self._sigmas(job), steps, strength)
+        if self.is_inpainting_model:
+            raise InputError("this is an inpainting checkpoint (9-channel UNet): use inpaint(), not img2img()")
+        cond, uncond = self._conditioning(job)
+        init = self.encode_image(image.expand(len(job.seeds), -1, -1, -1), job)
+        x = (init + self.noise(job) * sigmas[0]).to(self.device)
+        latents = self.denoise(x, sigmas, job, cond, uncond, callback=callback)
+        return self._finish(latents, job, "img2img", {"strength": strength})
+
+    def inpaint(self, prompt: str | list[str], init_image, mask_image=None, negative_prompt: str | list[str] | None = "",
+                *, green_mask: bool = False, strength: float = 1.0, width: int | None = None,
+                height: int | None = None, steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim",
+                karras: bool = False, seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
+                eta: float | None = None, callback: Callback | None = None) -> Result:
+        """Repaint the masked region (white = repaint) or, with green_mask=True, the pure green pixels.
+
+        9-channel inpainting checkpoints get [latents, mask, masked-image latents] as UNet input;
+        ordinary checkpoints blend the known region back into the latents after every step.
+        The prompt may be empty.
+        """
+        pil = imgs.load_image(init_image, "init image")
+        mask_pil = _mask_source(pil, mask_image, green_mask)
+        image, job = self._image_job(pil, prompt, negative_prompt, width, height, steps, guidance_scale,
+                                     sampler, karras, seed, batch_size, clip_skip, eta)
+        mask = imgs.mask_to_tensor(mask_pil, job.width, job.height)  # (1, 1, H, W), 1 = repaint
+        sigmas = _truncate(self._sigmas(job), steps, strength)
+        cond, uncond = self._conditioning(job)
+        n = len(job.seeds)
+        image = image.expand(n, -1, -1, -1)
+        need_init = not self.is_inpainting_model or strength < 1
+        init = self.encode_image(image, job) if need_init else None
+        noise = self.noise(job)
+        if strength < 1:
+            x = init + noise * sigmas[0]
+        else:
+            x = noise * samplers.initial_noise_scale(sampler, sigmas)
+        masked = self.encode_image(image * (mask < 0.5), job)  # drawn even when unused, as diffusers
+        small = torch.nn.functional.interpolate(mask, size=masked.shape[-2:]).expand(n, -1, -1, -1)
+        if self.is_inpainting_model:
+            extra = torch.cat([small, masked], dim=1).to(self.device)
+            latents = self.denoise(x.to(self.device), sigmas, job, cond, uncond, extra, callback=callback)
+        else:
+            blend = _blender(init, noise, small, sigmas, callback)
+            latents = self.denoise(x.to(self.device), sigmas, job, cond, uncond, callback=blend)
+        return self._finish(latents, job, "inpaint", {"strength": strength})
+
+    def _image_job(self, init_image, prompt, negative_prompt, width, height, steps, guidance_scale, sampler,
+                   karras, seed, batch_size, clip_skip, eta):
+        pil = imgs.load_image(init_image, "init image")
+        if width is None or height is None:
+            w0, h0 = imgs.default_size(pil)
+            width, height = width or w0, height or h0
+        job = self._job(prompt, negative_prompt, width=width, height=height, steps=steps,
+                        guidance_scale=guidance_scale, sampler=sampler, karras=karras, seed=seed,
+                        batch_size=batch_size, clip_skip=clip_skip, eta=eta)
+        return imgs.to_tensor(imgs.resize_for(pil, width, height)), job
+
+
+def _check_size(width, height, factor: int) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise InputError(f"{name} must be a positive integer, got {v!r}")
+        if v % 8 or v % factor:
+            raise InputError(f"{name} {v} is not a multiple of 8 (try {max(8, v - v % 8)} or {v + 8 - v % 8})")
+
+
+def _truncate(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
+    """The reference's img2img truncation: run the last int(steps * strength) steps."""
+    if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise InputError(f"strength must be in (0, 1], got {strength!r}")
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise InputError(f"strength {strength} with {steps} steps runs no step; raise steps or strength")
+    return sigmas[steps - run :]
+
+
+def _mask_source(image: Image.Image, mask_image, green: bool) -> Image.Image:
+    if green and mask_image is not None:
+        raise InputError("give either a mask image or green_mask=True, not both")
+    if green:
+        return imgs.green_mask(image)
+    if mask_image is None:
+        raise InputError("inpainting needs a mask image (white = repaint) or green_mask=True")
+    return imgs.load_image(mask_image, "mask image")
+
+
+def _blender(init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, sigmas: torch.Tensor,
+             callback: Callback | None):
+    """Post-step callback for ordinary checkpoints: keep the known region at the image, noised to
+    the next sigma (clean after the last step), as diffusers' inpainting pipeline does."""
+    def blend(step: int, total: int, x: torch.Tensor) -> torch.Tensor:
+        sigma = sigmas[step]
+        if step < total:
+            known = init + noise * sigma  # the image noised to the sigma just reached (VE scaling)
+        else:
+            known = samplers.to_ve(init, sigma)  # diffusers blends the clean latents in VP scaling
+        m = mask.to(x.device)
+        x = (1 - m) * known.to(x.device) + m * x
+        if callback is not None:
+            callback(step, total, x)
+        return x
+    return blend
