@@ -182,3 +182,114 @@ def test_green_mask_equals_white_mask(tiny_inpaint_sd):
     a = tiny_inpaint_sd.inpaint("", Image.fromarray(init), green_mask=True, steps=2, seed=1, sampler="ddim")
     b = tiny_inpaint_sd.inpaint("", Image.fromarray(init), Image.fromarray(mask), steps=2, seed=1, sampler="ddim")
     assert torch.equal(a.latents, b.latents)
+
+
+# ------------------------------------------------------------------ full SD v1.5 architecture
+
+
+@pytest.fixture(scope="module")
+def full_sd(full):
+    return StableDiffusion(full.folder)
+
+
+@pytest.mark.full
+def test_full_txt2img_256(full, full_sd):
+    from diffusers import StableDiffusionPipeline
+
+    ref_lat, ref_img = reference(StableDiffusionPipeline, full, "plms", seeds=(1234,), prompt=PROMPT,
+                                 negative_prompt=NEG, height=256, width=256, num_inference_steps=3,
+                                 guidance_scale=7.5)
+    res = full_sd.txt2img(PROMPT, NEG, width=256, height=256, steps=3, sampler="plms", seed=1234)
+    compare(res, ref_lat, ref_img, "full txt2img plms 256x256 3 steps")
+
+
+@pytest.mark.full
+def test_full_img2img_256(full, full_sd):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    init = make_image(256, 256, 5)
+    ref_lat, ref_img = reference(StableDiffusionImg2ImgPipeline, full, "ddim", seeds=(99,), prompt=PROMPT,
+                                 image=init, strength=0.75, num_inference_steps=4, guidance_scale=7.5)
+    res = full_sd.img2img(PROMPT, init, strength=0.75, steps=4, sampler="ddim", seed=99)
+    compare(res, ref_lat, ref_img, "full img2img ddim 256x256 3 of 4 steps")
+
+
+@pytest.mark.full
+def test_full_inpaint_256(full, full_sd):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    init, mask = make_image(256, 256, 6), make_mask(256, 256)
+    ref_lat, ref_img = reference(StableDiffusionInpaintPipeline, full, "euler", seeds=(5,), prompt=PROMPT,
+                                 image=init, mask_image=mask, height=256, width=256, num_inference_steps=3,
+                                 guidance_scale=7.5)
+    res = full_sd.inpaint(PROMPT, init, mask, steps=3, sampler="euler", seed=5)
+    compare(res, ref_lat, ref_img, "full inpaint (4-channel) euler 256x256 3 steps")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_sizes_steps_strength_and_images(tiny_sd, tmp_path):
+    with pytest.raises(InputError, match="width 50 is not a multiple of 8"):
+        tiny_sd.txt2img(PROMPT, width=50, height=32, steps=1)
+    for steps in (0, -3):
+        with pytest.raises(InputError, match="steps"):
+            tiny_sd.txt2img(PROMPT, width=32, height=32, steps=steps)
+    for strength in (0, -0.5, 1.5):
+        with pytest.raises(InputError, match="strength"):
+            tiny_sd.img2img(PROMPT, make_image(), strength=strength, steps=4)
+    with pytest.raises(InputError, match="runs no step"):
+        tiny_sd.img2img(PROMPT, make_image(), strength=0.1, steps=4)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(InputError, match="cannot read it as an image"):
+        tiny_sd.img2img(PROMPT, bad, steps=2)
+    with pytest.raises(InputError, match="no such file"):
+        tiny_sd.img2img(PROMPT, tmp_path / "missing.png", steps=2)
+    with pytest.raises(InputError, match="unknown sampler 'k_lms'.*plms"):
+        tiny_sd.txt2img(PROMPT, width=32, height=32, sampler="k_lms")
+    with pytest.raises(InputError, match="mask"):
+        tiny_sd.inpaint(PROMPT, make_image())
+    with pytest.raises(InputError, match="no pure green"):
+        tiny_sd.inpaint(PROMPT, make_image(), green_mask=True)
+
+
+def test_inpainting_checkpoint_refuses_txt2img(tiny_inpaint_sd):
+    with pytest.raises(InputError, match="inpainting checkpoint"):
+        tiny_inpaint_sd.txt2img(PROMPT, width=32, height=32, steps=1)
+
+
+def test_mask_of_another_size_is_resized(tiny_inpaint_sd):
+    init = make_image(32, 32, 7)
+    small = make_mask(32, 32).resize((16, 16), Image.NEAREST)
+    a = tiny_inpaint_sd.inpaint(PROMPT, init, small, steps=2, seed=3, sampler="ddim")
+    b = tiny_inpaint_sd.inpaint(PROMPT, init, small.resize((32, 32), Image.LANCZOS), steps=2, seed=3, sampler="ddim")
+    assert torch.equal(a.latents, b.latents)
+
+
+def test_any_image_mode_and_odd_size_init_image(tiny_sd):
+    init = make_image(37, 29).convert("P")  # palette mode, not a multiple of 8
+    res = tiny_sd.img2img(PROMPT, init, steps=2, strength=1.0, seed=1)
+    assert res.images[0].size == (32, 24) and res.images[0].mode == "RGB"
+
+
+def test_nan_latents_are_an_error_not_a_black_image(tiny_sd, monkeypatch):
+    from sdlite.errors import SdliteError
+
+    monkeypatch.setattr(tiny_sd, "denoise", lambda *a, **k: torch.full((1, 4, 16, 16), float("nan")))
+    with pytest.raises(SdliteError, match="NaN"):
+        tiny_sd.txt2img(PROMPT, width=32, height=32, steps=1)
+
+
+def test_half_precision_vae_nan_is_retried_in_float32(tiny):
+    sd = StableDiffusion(tiny.folder, dtype=torch.bfloat16)
+    real_decode = sd.vae.decode
+
+    def flaky(z):  # what a broken fp16 VAE does: overflow to inf/NaN in half precision only
+        out = real_decode(z)
+        return out * float("nan") if z.dtype != torch.float32 else out
+
+    sd.vae.decode = flaky
+    with pytest.warns(UserWarning, match="retrying in float32"):
+        res = sd.txt2img(PROMPT, width=32, height=32, steps=2, seed=1, sampler="euler")
+    assert np.isfinite(np.asarray(res.images[0], dtype=float)).all()

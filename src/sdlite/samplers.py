@@ -10,7 +10,8 @@ Every sampler has one signature::
 - `x`: starting latents at sigmas[0] in VE scaling: `noise * initial_noise_scale(name, sigmas)`.
 - `sigmas`: from `get_sigmas(name, steps, karras)`; returns x at sigmas[-1] (VE). Convert with
   `to_vp(x, sigmas[-1])` before decoding (DDIM/PLMS stop at sigma(t=0) ~ 0.029, not at 0).
-- `callback(step, total, x)`: after each step, step counted from 1, `x` = the current VE latents.
+- `callback(step, total, x)`: after each step, step counted from 1, `x` = the current VE latents;
+  a callback that returns a tensor replaces x (used for inpainting's known-region blend).
 - `noise_sampler(sigma, sigma_next)`: fresh unit noise for ancestral / eta > 0 steps.
 
 Model evaluations only happen at the schedule's own sigmas, so the Denoiser can give the UNet
@@ -97,7 +98,7 @@ def sample_euler(model, x, sigmas, *, callback=None, noise_sampler=None, **optio
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         d = (x - model(x, sigma)) / sigma
         x = x + d * (sigma_next - sigma)
-        _report(callback, i, total, x)
+        x = _report(callback, i, total, x)
     return x
 
 
@@ -114,7 +115,7 @@ def sample_euler_a(model, x, sigmas, *, callback=None, noise_sampler=None, eta=1
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
         if sigma_next > 0:
             x = x + noise_sampler(sigma, sigma_next) * sigma_up
-        _report(callback, i, total, x)
+        x = _report(callback, i, total, x)
     return x
 
 
@@ -132,7 +133,7 @@ def sample_heun(model, x, sigmas, *, callback=None, noise_sampler=None, **option
             x_2 = x + d * dt
             d_2 = (x_2 - model(x_2, sigma_next)) / sigma_next
             x = x + (d + d_2) / 2 * dt
-        _report(callback, i, total, x)
+        x = _report(callback, i, total, x)
     return x
 
 
@@ -155,15 +156,16 @@ def sample_dpmpp_2m(model, x, sigmas, *, callback=None, noise_sampler=None, **op
             x = (sigma_next / sigma) * x - torch.expm1(-h) * d
             h_last = h
         old_denoised = denoised
-        _report(callback, i, total, x)
+        x = _report(callback, i, total, x)
     return x
 
 
 def sample_ddim(model, x, sigmas, *, callback=None, noise_sampler=None, eta=0.0, **options):
     """DDIM (Song et al. 2021) exactly as CompVis DDIMSampler, eta 0 = deterministic."""
-    # CompVis' step sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z, divided by sqrt(a_prev),
-    # is x0 + sigma_down eps + sigma_up z with its eta-sigma s = sigma_up * sqrt(a_prev), where
-    # sigma_up = eta * sigma_next * sqrt(1 - sigma_next^2 / sigma^2): the ancestral split.
+    # CompVis' VP step sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z, with
+    # s = eta sqrt((1 - a_prev) / (1 - a) (1 - a / a_prev)), divided by sqrt(a_prev) to VE, is
+    # x0 + sigma_down eps + sigma_up z where sigma_up = s / sqrt(a_prev)
+    # = eta sigma_next sqrt(1 - sigma_next^2 / sigma^2): exactly k-diffusion's ancestral split.
     _no_options("ddim", options)
     total = _check_sigmas(sigmas)
     eta = _check_eta(eta, 1.0)
@@ -176,7 +178,7 @@ def sample_ddim(model, x, sigmas, *, callback=None, noise_sampler=None, eta=0.0,
         x = denoised + sigma_down * eps
         if eta > 0 and sigma_up > 0:
             x = x + noise_sampler(sigma, sigma_next) * sigma_up
-        _report(callback, i, total, x)
+        x = _report(callback, i, total, x)
     return x
 
 
@@ -197,7 +199,7 @@ def sample_plms(model, x, sigmas, *, callback=None, noise_sampler=None, **option
             eps_prime = _adams_bashforth(eps, old_eps)
         x = x + (sigma_next - sigma) * eps_prime
         old_eps = (old_eps + [eps])[-3:]
-        _report(callback, i, total, x)
+        x = _report(callback, i, total, x)
     return x
 
 
@@ -237,8 +239,9 @@ def _ancestral_step(sigma, sigma_next, eta):
 
 
 def _check_eta(eta, upper):
-    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not math.isfinite(eta) or eta < 0 \
-            or (upper is not None and eta > upper):
+    is_number = isinstance(eta, (int, float)) and not isinstance(eta, bool) and math.isfinite(eta)
+    if not is_number or eta < 0 or (upper is not None and eta > upper):
+        # past eta = 1, CompVis' DDIM can take the square root of a negative number
         bound = f"between 0 and {upper}" if upper is not None else ">= 0"
         raise InputError(f"eta must be a number {bound}, got {eta!r}")
     return float(eta)
@@ -260,8 +263,13 @@ def _default_noise(x):
 
 
 def _report(callback, i, total, x):
+    # A callback may return replacement latents: inpainting with an ordinary checkpoint puts the
+    # known region back after every step, as diffusers' pipeline does.
     if callback is not None:
-        callback(i + 1, total, x)
+        out = callback(i + 1, total, x)
+        if out is not None:
+            return out
+    return x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,530 @@
+"""The `sdlite` command: every command on the tiny model, every error path, PNG metadata read
+back by a real reader (sd-parsers), --params-from reproduction, output naming and batch seeds.
+
+Most tests call the entry function `sdlite.cli.main(argv)`; a few run `python -m sdlite` in a
+subprocess (the real entry point, Ctrl-C). Images are 32x32 with 2 steps to stay fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdlite import metadata as meta
+from sdlite.checkpoint import PREFIXES, export_checkpoint, open_checkpoint
+from sdlite.cli import main
+from sdlite.tensorfile import load_safetensors, save_safetensors
+
+FAST = ["-W", "32", "-H", "32", "--steps", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    """Hash cache and demo model in a per-test cache dir; no model from the environment."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("SDLITE_MODEL", raising=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tiny, tmp_path_factory) -> Path:
+    """The tiny reference model as a standard single-file checkpoint."""
+    return export_checkpoint(tiny.folder, tmp_path_factory.mktemp("cli") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_inpaint_file(tiny_inpaint, tmp_path_factory) -> Path:
+    return export_checkpoint(tiny_inpaint.folder, tmp_path_factory.mktemp("cli") / "tiny-inpaint.safetensors")
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def pngs(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.png"))
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def make_image(path: Path, w=32, h=32, seed=0) -> Path:
+    g = np.random.default_rng(seed)
+    Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def one_line_error(err: str, *needles: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# ------------------------------------------------------------------ help, version, samplers
+
+
+def test_help_everywhere_with_examples(capsys):
+    rc, out, _ = run(capsys, "--help")
+    assert rc == 0 and "examples:" in out and "sdlite demo" in out
+    for cmd in ("txt2img", "img2img", "inpaint", "convert", "info", "demo"):
+        rc, out, _ = run(capsys, cmd, "--help")
+        assert rc == 0 and "examples:" in out and f"sdlite {cmd}" in out, cmd
+    rc, out, _ = run(capsys, "samplers", "--help")
+    assert rc == 0 and "usage:" in out
+
+
+def test_version(capsys):
+    rc, out, _ = run(capsys, "--version")
+    assert rc == 0 and out.startswith("sdlite 0.1.0")
+
+
+def test_samplers_lists_names_and_a1111_labels(capsys):
+    rc, out, _ = run(capsys, "samplers")
+    assert rc == 0
+    for name, label in [("plms", "PLMS"), ("ddim", "DDIM"), ("euler_a", "Euler a"), ("dpmpp_2m", "DPM++ 2M")]:
+        assert any(line.split()[0] == name and label in line for line in out.splitlines()), name
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("euler_a", ("euler_a", False)), ("Euler a", ("euler_a", False)), ("DPM++ 2M Karras", ("dpmpp_2m", True)),
+    ("dpm++ 2m", ("dpmpp_2m", False)), ("PLMS", ("plms", False)), ("heun_karras", ("heun", True)),
+])
+def test_sampler_names_accept_a1111_labels(name, expected):
+    assert meta.resolve_sampler(name) == expected
+
+
+# ------------------------------------------------------------------ txt2img and metadata
+
+
+def test_txt2img_png_metadata_read_by_sd_parsers(capsys, tiny_file, tmp_path):
+    from sd_parsers import ParserManager
+
+    out_dir = tmp_path / "out"
+    prompt = "a cat, sitting: on a mat"
+    rc, out, err = run(capsys, "txt2img", prompt, "--model", tiny_file, *FAST, "--seed", 42, "--sampler", "euler",
+                       "--karras", "-n", "blurry, dark", "--cfg-scale", 5, "-o", out_dir)
+    assert rc == 0, err
+    [png] = pngs(out_dir)
+    assert png.name == "00000-42.png"
+    assert out.strip().split()[:3] == [str(png), "seed", "42"]
+    text = Image.open(png).info["parameters"]
+    model_hash = hashlib.sha256(tiny_file.read_bytes()).hexdigest()[:10]
+    assert text.split("\n") == [
+        prompt, "Negative prompt: blurry, dark",
+        f"Steps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 5.0, Seed: 42, Size: 32x32, "
+        f"Model hash: {model_hash}, Model: tiny, Version: sdlite 0.1.0"]
+
+    info = ParserManager().parse(png)
+    assert info is not None and info.generator.name == "AUTOMATIC1111"
+    [sampler] = info.samplers
+    assert sampler.name == "Euler" and sampler.parameters["scheduler"] == "Karras"
+    assert [p.value for p in sampler.prompts] == [prompt]
+    assert [p.value for p in sampler.negative_prompts] == ["blurry, dark"]
+    assert int(sampler.parameters["seed"]) == 42 and int(sampler.parameters["steps"]) == 2
+    assert float(sampler.parameters["cfg_scale"]) == 5.0
+    assert info.metadata["Size"] == "32x32"
+    assert sampler.model.hash == model_hash and sampler.model.name == "tiny"
+
+
+def test_params_from_reproduces_identical_pixels(capsys, tiny_file, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    rc, _, err = run(capsys, "txt2img", "a lighthouse\nat dusk", "-m", tiny_file, *FAST, "--sampler", "DPM++ 2M Karras",
+                     "-n", "fog", "--cfg-scale", 6.5, "--clip-skip", 2, "-o", a)
+    assert rc == 0, err
+    [first] = pngs(a)
+    assert "Clip skip: 2" in Image.open(first).info["parameters"]
+    rc, _, err = run(capsys, "txt2img", "--params-from", first, "-m", tiny_file, "-o", b)
+    assert rc == 0, err
+    [second] = pngs(b)
+    assert second.name == first.name
+    assert Image.open(second).info["parameters"] == Image.open(first).info["parameters"]
+    assert np.array_equal(pixels(first), pixels(second))
+    # options on the command line win over the image's
+    rc, _, err = run(capsys, "txt2img", "--params-from", first, "-m", tiny_file, "--seed", 5, "-o", b)
+    assert rc == 0, err
+    assert (b / "00001-5.png").is_file() and "Seed: 5," in Image.open(b / "00001-5.png").info["parameters"]
+
+
+def test_never_overwrites_and_numbers_files(capsys, tiny_file, tmp_path):
+    out_dir = tmp_path / "out"
+    for _ in range(2):
+        assert run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--seed", 7, "-o", out_dir)[0] == 0
+    assert [p.name for p in pngs(out_dir)] == ["00000-7.png", "00001-7.png"]
+    first_bytes = (out_dir / "00000-7.png").read_bytes()
+    (out_dir / "00041-3.png").write_bytes(b"someone else's file")
+    assert run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--seed", 7, "-o", out_dir)[0] == 0
+    assert (out_dir / "00042-7.png").is_file()
+    assert (out_dir / "00000-7.png").read_bytes() == first_bytes
+    assert (out_dir / "00041-3.png").read_bytes() == b"someone else's file"
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_save_png_skips_a_name_taken_meanwhile(tmp_path):
+    image = Image.new("RGB", (8, 8))
+    (tmp_path / "00003-9.png").write_bytes(b"taken")
+    path = meta.save_png(image, tmp_path, 9, "p", index=3)
+    assert path.name == "00004-9.png" and (tmp_path / "00003-9.png").read_bytes() == b"taken"
+
+
+def test_batch_seeds_are_seed_plus_i(capsys, tiny_file, tmp_path):
+    rc, out, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--seed", 10, "--batch-size", 2,
+                       "-o", tmp_path / "batch")
+    assert rc == 0, err
+    files = pngs(tmp_path / "batch")
+    assert [p.name for p in files] == ["00000-10.png", "00001-11.png"]
+    assert [ln.split()[2] for ln in out.strip().splitlines()] == ["10", "11"]
+    assert "Seed: 11," in Image.open(files[1]).info["parameters"]
+    rc, _, _ = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--seed", 11, "-o", tmp_path / "single")
+    assert np.array_equal(pixels(files[1]), pixels(pngs(tmp_path / "single")[0]))
+
+
+def test_random_seed_is_printed_and_saved(capsys, tiny_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("SDLITE_MODEL", str(tiny_file))  # the model from the environment
+    rc, out, err = run(capsys, "txt2img", "x", *FAST, "-o", tmp_path)
+    assert rc == 0, err
+    seed = int(out.split()[2])
+    [png] = pngs(tmp_path)
+    assert png.name == f"00000-{seed}.png" and f"Seed: {seed}," in Image.open(png).info["parameters"]
+    assert f"seed {seed} (random)" in err
+
+
+def test_from_file_one_prompt_a_line(capsys, tiny_file, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\n\na green pear\n")
+    rc, out, err = run(capsys, "txt2img", "--from-file", prompts, "-m", tiny_file, *FAST, "--seed", 3,
+                       "-o", tmp_path / "out")
+    assert rc == 0, err
+    files = pngs(tmp_path / "out")
+    assert [p.name for p in files] == ["00000-3.png", "00001-3.png"]
+    assert [Image.open(p).info["parameters"].split("\n")[0] for p in files] == ["a red apple", "a green pear"]
+
+
+def test_quiet_prints_nothing(capsys, tiny_file, tmp_path):
+    rc, out, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--quiet", "-o", tmp_path)
+    assert rc == 0 and out == "" and err == ""
+    assert len(pngs(tmp_path)) == 1
+
+
+def test_progress_and_result_lines(capsys, tiny_file, tmp_path):
+    rc, out, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--seed", 1, "-o", tmp_path)
+    assert rc == 0
+    assert "2/2" in err and "step" in err  # tqdm bar on stderr: step count and rate
+    assert out.strip().splitlines()[0].startswith(str(tmp_path / "00000-1.png"))
+
+
+# ------------------------------------------------------------------ img2img, inpaint, VAE
+
+
+def test_img2img_writes_strength_and_keeps_image_size(capsys, tiny_file, tmp_path):
+    init = make_image(tmp_path / "init.png", 40, 24)
+    rc, _, err = run(capsys, "img2img", "a painting", "--init-image", init, "-m", tiny_file, "--steps", 4,
+                     "--strength", 0.5, "--seed", 1, "-o", tmp_path / "out")
+    assert rc == 0, err
+    [png] = pngs(tmp_path / "out")
+    text = Image.open(png).info["parameters"]
+    assert Image.open(png).size == (40, 24)
+    assert "Sampler: DDIM," in text and "Size: 40x24" in text and "Denoising strength: 0.5" in text
+    assert meta.options_from_parameters(meta.parse_parameters(text))["strength"] == 0.5
+
+
+@pytest.mark.parametrize("which", ["mask", "green", "inpainting-model"])
+def test_inpaint(capsys, tiny_file, tiny_inpaint_file, tmp_path, which):
+    init = make_image(tmp_path / "init.png")
+    model = tiny_inpaint_file if which == "inpainting-model" else tiny_file
+    if which == "green":
+        arr = np.asarray(Image.open(init)).copy()
+        arr[8:24, 8:24] = (0, 255, 0)
+        Image.fromarray(arr).save(init)
+        mask_args = ["--green-mask"]
+    else:
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:24, 8:24] = 255
+        Image.fromarray(mask).save(tmp_path / "mask.png")
+        mask_args = ["--mask", tmp_path / "mask.png"]
+    rc, _, err = run(capsys, "inpaint", "--init-image", init, *mask_args, "-m", model, "--steps", 2, "--seed", 4,
+                     "-o", tmp_path / "out")
+    assert rc == 0, err
+    [png] = pngs(tmp_path / "out")
+    text = Image.open(png).info["parameters"]
+    assert text.startswith("\nSteps: 2,") or text.startswith("Steps: 2,") or "Denoising strength: 1.0" in text
+    assert "Denoising strength: 1.0" in text and "Size: 32x32" in text
+
+
+def _vae_variants(tiny_file: Path, folder: Path, tiny) -> dict[str, Path]:
+    """The tiny model's VAE written standalone, the ways real VAE files come."""
+    tensors = load_safetensors(tiny_file)[0]
+    prefix = PREFIXES["vae"]
+    vae = {k[len(prefix):]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
+    out = {"safetensors": folder / "vae.safetensors", "ckpt": folder / "vae.ckpt", "diffusers": tiny.folder / "vae"}
+    save_safetensors({**vae, "loss.logvar": torch.zeros(())}, out["safetensors"])
+    torch.save({"state_dict": {prefix + k: v for k, v in vae.items()}, "global_step": 10}, out["ckpt"])
+    return out
+
+
+def test_separate_vae_file(capsys, tiny, tiny_file, tmp_path):
+    base = tmp_path / "base"
+    assert run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--seed", 2, "-o", base)[0] == 0
+    reference = pixels(pngs(base)[0])
+    for kind, path in _vae_variants(tiny_file, tmp_path, tiny).items():
+        rc, out, err = run(capsys, "txt2img", "x", "-m", tiny_file, "--vae", path, *FAST, "--seed", 2,
+                           "-o", tmp_path / kind)
+        assert rc == 0, f"{kind}: {err}"
+        [png] = pngs(tmp_path / kind)
+        assert np.array_equal(pixels(png), reference), kind
+        if path.is_file():
+            vae_hash = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+            assert f"VAE hash: {vae_hash}, VAE: {path.name}" in Image.open(png).info["parameters"]
+    # a different VAE really is used
+    tensors = load_safetensors(tmp_path / "vae.safetensors")[0]
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    tensors["decoder.conv_out.bias"] += 0.5
+    save_safetensors(tensors, tmp_path / "brighter.safetensors")
+    rc, _, _ = run(capsys, "txt2img", "x", "-m", tiny_file, "--vae", tmp_path / "brighter.safetensors", *FAST,
+                   "--seed", 2, "-o", tmp_path / "brighter")
+    assert rc == 0 and pixels(pngs(tmp_path / "brighter")[0]).mean() > reference.mean() + 20
+
+
+def test_vae_errors(capsys, tiny_file, tmp_path):
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, "--vae", tiny_file, *FAST, "-o", tmp_path)
+    assert rc == 1
+    one_line_error(err, "full checkpoint, not a VAE")
+    tensors = load_safetensors(tiny_file)[0]
+    text = {k: v for k, v in tensors.items() if k.startswith(PREFIXES["text"])}
+    save_safetensors(text, tmp_path / "text.safetensors")
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, "--vae", tmp_path / "text.safetensors", *FAST,
+                     "-o", tmp_path)
+    assert rc == 1
+    one_line_error(err, "not a VAE file")
+    assert pngs(tmp_path) == []
+
+
+# ------------------------------------------------------------------ convert and info
+
+
+def test_convert_and_info(capsys, tiny, tmp_path):
+    dst = tmp_path / "tiny-fp16.safetensors"
+    rc, out, err = run(capsys, "convert", tiny.folder, dst, "--dtype", "fp16")
+    assert rc == 0, err
+    assert "wrote" in out and "float16" in out
+    ckpt = open_checkpoint(dst)
+    assert ckpt.format == "safetensors" and ckpt.dtype == torch.float16 and ckpt.config.name == "tiny"
+
+    rc, out, err = run(capsys, "info", dst, "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    digest = hashlib.sha256(dst.read_bytes()).hexdigest()
+    assert info["sha256"] == digest and info["model_hash"].startswith(digest[:10])
+    assert info["dtype"] == "float16" and info["ema_weights"] == "no" and info["architecture"].startswith("tiny")
+    rc, out, _ = run(capsys, "info", dst)
+    assert rc == 0 and "architecture" in out and digest in out
+
+    rc, _, err = run(capsys, "convert", tiny.folder, dst)  # never overwrite without --force
+    assert rc == 2
+    one_line_error(err, "exists", "--force")
+    assert run(capsys, "convert", tiny.folder, dst, "--force")[0] == 0
+    assert open_checkpoint(dst).dtype == torch.float32
+
+
+def test_info_png_and_vae(capsys, tiny, tiny_file, tmp_path):
+    assert run(capsys, "txt2img", "a boat", "-m", tiny_file, *FAST, "--seed", 8, "-o", tmp_path)[0] == 0
+    rc, out, _ = run(capsys, "info", tmp_path / "00000-8.png")
+    assert rc == 0 and out.startswith("a boat\nSteps: 2, Sampler: PLMS, Schedule type: Automatic, CFG scale: 7.5, Seed: 8")
+    rc, out, _ = run(capsys, "info", tmp_path / "00000-8.png", "--json")
+    assert rc == 0 and json.loads(out)["Seed"] == "8"
+    vae = _vae_variants(tiny_file, tmp_path, tiny)["safetensors"]
+    rc, out, _ = run(capsys, "info", vae, "--json")
+    assert rc == 0 and json.loads(out)["format"] == "standalone VAE"
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    rc, _, err = run(capsys, "info", tmp_path / "plain.png")
+    assert rc == 2
+    one_line_error(err, "no generation parameters")
+
+
+def test_reads_a1111_infotext_variants(tmp_path):
+    # A1111 < 1.9: the schedule inside the sampler name; quoted values; a multi-line prompt.
+    text = ('masterpiece, a castle\non a hill\nNegative prompt: lowres\n'
+            'Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 123, Size: 512x768, '
+            'Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Lora hashes: "a: 1, b: 2", Version: v1.6.0')
+    info = meta.parse_parameters(text)
+    assert info["Prompt"] == "masterpiece, a castle\non a hill" and info["Lora hashes"] == "a: 1, b: 2"
+    opts = meta.options_from_parameters(info)
+    assert (opts["sampler"], opts["karras"], opts["steps"], opts["cfg_scale"], opts["seed"]) == ("dpmpp_2m", True, 20, 7.0, 123)
+    assert (opts["width"], opts["height"], opts["negative_prompt"]) == (512, 768, "lowres")
+    # A1111 1.9+: the schedule in its own field
+    opts = meta.options_from_parameters(meta.parse_parameters(
+        "x\nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 64x64"))
+    assert (opts["sampler"], opts["karras"]) == ("euler_a", False)
+    # JPEG/WebP: A1111 stores the text in EXIF UserComment (UTF-16 big-endian)
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg", exif=exif)
+    assert meta.read_parameters(tmp_path / "a.jpg") == text
+
+
+def test_metadata_round_trip_with_awkward_values():
+    params = {"prompt": 'a "quoted", colon: prompt', "negative_prompt": "", "steps": 3, "sampler": "heun",
+              "karras": False, "cfg_scale": 7.25, "seed": 2**32 - 1, "width": 64, "height": 72, "clip_skip": 1,
+              "mode": "txt2img"}
+    text = meta.format_parameters(params, model_hash="0123456789", model_name="my, model: v2")
+    info = meta.parse_parameters(text)
+    assert info["Prompt"] == params["prompt"] and info["Model"] == "my, model: v2"
+    opts = meta.options_from_parameters(info)
+    assert (opts["sampler"], opts["cfg_scale"], opts["seed"], opts["width"], opts["height"]) == \
+        ("heun", 7.25, 2**32 - 1, 64, 72)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_missing_model_says_how_to_pass_one(capsys, tmp_path):
+    rc, _, err = run(capsys, "txt2img", "x", *FAST, "-o", tmp_path)
+    assert rc == 2
+    one_line_error(err, "--model", "SDLITE_MODEL")
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tmp_path / "nope.safetensors", *FAST, "-o", tmp_path)
+    assert rc == 2
+    one_line_error(err, "nope.safetensors", "no such file")
+
+
+def test_unreadable_image(capsys, tiny_file, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    rc, _, err = run(capsys, "img2img", "x", "--init-image", bad, "-m", tiny_file, "-o", tmp_path / "o")
+    assert rc == 2
+    one_line_error(err, "bad.png", "cannot read it as an image")
+    rc, _, err = run(capsys, "inpaint", "--init-image", make_image(tmp_path / "i.png"), "--mask", tmp_path / "no.png",
+                     "-m", tiny_file, "-o", tmp_path / "o")
+    assert rc == 2
+    one_line_error(err, "mask image", "no such file")
+
+
+def test_wrong_architecture_checkpoint(capsys, tiny_file, tmp_path):
+    sd2 = tmp_path / "sd2.safetensors"
+    save_safetensors({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+                      "cond_stage_model.model.token_embedding.weight": torch.zeros(10, 8)}, sd2)
+    rc, _, err = run(capsys, "txt2img", "x", "-m", sd2, *FAST, "-o", tmp_path / "o")
+    assert rc == 1
+    one_line_error(err, "SD 2.x")
+    vae = tmp_path / "vae.safetensors"
+    tensors = load_safetensors(tiny_file)[0]
+    save_safetensors({k[len(PREFIXES["vae"]):]: v for k, v in tensors.items() if k.startswith(PREFIXES["vae"])}, vae)
+    rc, _, err = run(capsys, "txt2img", "x", "-m", vae, *FAST, "-o", tmp_path / "o")
+    assert rc == 1
+    one_line_error(err, "standalone VAE")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["-W", "100", "-H", "64"], ["width 100 is not a multiple of 8", "96", "104"]),
+    (["--sampler", "k_lms"], ["unknown sampler 'k_lms'", "euler_a", "DPM++ 2M"]),
+    (["--sampler", "plms", "--karras"], ["Karras"]),
+    (["--steps", "0"], ["--steps", "positive integer"]),
+    (["--bogus-option"], ["unrecognized arguments: --bogus-option"]),
+])
+def test_usage_errors_exit_2_before_loading(capsys, tmp_path, args, needles):
+    # the model path does not exist: a usage error is reported before the model is looked at
+    rc, out, err = run(capsys, "txt2img", "x", "-m", tmp_path / "missing.safetensors", "-o", tmp_path, *args)
+    assert rc == 2 and out == ""
+    one_line_error(err, *needles)
+
+
+def test_unwritable_outdir(capsys, tiny_file, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # a folder cannot be created under a file, even as root
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "-o", blocker / "out")
+    assert rc == 1
+    one_line_error(err, "cannot write to output folder")
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    sd2 = tmp_path / "broken.safetensors"
+    sd2.write_bytes(b"\x00" * 4)
+    rc, _, err = run(capsys, "txt2img", "x", "-m", sd2, *FAST, "-o", tmp_path, "--debug")
+    assert rc == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("sdlite: error:")
+
+
+def test_interrupt_while_saving_leaves_no_file(capsys, tiny_file, tmp_path, monkeypatch):
+    def half_then_ctrl_c(image, f, info):
+        f.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(meta, "_write_png", half_then_ctrl_c)
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "-o", tmp_path / "out")
+    assert rc == 130
+    one_line_error(err.split("\r")[-1], "interrupted")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# ------------------------------------------------------------------ demo and the real entry point
+
+
+def test_demo_builds_a_cached_checkpoint_and_writes_three_images(capsys, tmp_path, monkeypatch):
+    from sdlite import demo
+
+    monkeypatch.setattr(demo, "STEPS", 2)
+    monkeypatch.setattr(demo, "SIZE", 32)
+    rc, out, err = run(capsys, "demo", "-o", tmp_path / "out")
+    assert rc == 0, err
+    files = pngs(tmp_path / "out")
+    assert len(files) == 3
+    modes = [Image.open(p).info["parameters"] for p in files]
+    assert "Denoising strength" not in modes[0] and all("Denoising strength" in m for m in modes[1:])
+    assert "RANDOM weights" in out and "--model" in out and "SDLITE_MODEL" in out
+    cached = demo.tiny_checkpoint_path()
+    assert cached.parent == tmp_path / "cache" / "sdlite" and open_checkpoint(cached).config.name == "tiny"
+    assert f"built tiny random-weight SD v1 checkpoint: {cached}" in err
+    stamp = cached.stat().st_mtime_ns
+    rc, _, err = run(capsys, "demo", "-o", tmp_path / "out")
+    assert rc == 0 and "using cached" in err and cached.stat().st_mtime_ns == stamp
+    assert len(pngs(tmp_path / "out")) == 6
+
+
+def _env(tmp_path) -> dict:
+    return {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+
+
+def test_python_dash_m_sdlite(tiny_file, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sdlite", "txt2img", "a tree", "--model", str(tiny_file), *FAST,
+                           "--seed", "9", "-o", str(tmp_path)], capture_output=True, text=True, env=_env(tmp_path),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "00000-9.png").is_file() and "seed 9" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "sdlite", "txt2img", "x", "--sampler", "nope"],
+                          capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "unknown sampler" in proc.stderr
+
+
+def test_ctrl_c_exits_130_without_a_partial_file(tiny_file, tmp_path):
+    out_dir = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "sdlite", "txt2img", "x", "--model", str(tiny_file), "-W", "32",
+                             "-H", "32", "--steps", "1000", "--sampler", "euler", "-o", str(out_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(tmp_path))
+    seen = bytearray()
+    reader = threading.Thread(target=lambda: [seen.extend(c) for c in iter(lambda: proc.stderr.read(1), b"")], daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 240
+    while b"/1000" not in seen and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, f"finished before it could be interrupted: {bytes(seen)!r}"
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=120)
+    reader.join(timeout=10)
+    last = bytes(seen).decode().replace("\r", "\n").strip().splitlines()[-1]
+    assert rc == 130 and last == "sdlite: error: interrupted"
+    assert list(out_dir.iterdir()) == []
