@@ -52,7 +52,7 @@ class Checkpoint:
 
     path: Path
     format: str  # "safetensors" | "ckpt" | "diffusers"
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor] | None  # None after release(): re-read per component on demand
     config: ModelConfig
     has_ema: bool = False
     ema: bool = False
@@ -61,7 +61,21 @@ class Checkpoint:
     def state_dict(self, component: str) -> dict[str, torch.Tensor]:
         """One component's tensors with its prefix stripped (the module's own keys)."""
         prefix = PREFIXES[component]
-        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        tensors = self.tensors if self.tensors is not None else self._reread(component)
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    def release(self) -> None:
+        """Drop this object's own view of the file (the memory map), keeping only what the loaded
+        models use. Later `load()` calls map the file again, so a model that is deleted after
+        use really gives its memory back (`memory="low"`)."""
+        self.tensors = None
+
+    def _reread(self, component: str) -> dict[str, torch.Tensor]:
+        if self.format == "diffusers":
+            sub, names = DIFFUSERS_PARTS[component]
+            converted, _ = _diffusers_to_native(component, _read_part(self.path / sub, names))
+            return {PREFIXES[component] + k: v for k, v in converted.items()}
+        return _read_all(self.path, self.ema)[0]
 
     def load(self, component: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
         """Build one model on `meta` and fill it from the file (no second copy when dtype matches)."""
@@ -72,14 +86,8 @@ class Checkpoint:
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval().requires_grad_(False)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The stored dtype of the UNet weights (what the file mostly holds)."""
-        return self.tensors[PREFIXES["unet"] + "input_blocks.0.0.weight"].dtype
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+    dtype: torch.dtype = torch.float32  # the stored dtype of the UNet weights
+    size_bytes: int = 0  # bytes of all tensors in the file
 
 
 def build_model(component: str, cfg: ModelConfig) -> nn.Module:
@@ -101,6 +109,16 @@ def open_checkpoint(path: str | Path, ema: bool = False) -> Checkpoint:
     default follows the CompVis v1 inference config (`use_ema: False`).
     """
     path = Path(path).expanduser()
+    tensors, fmt, meta, has_ema = _read_all(path, ema)
+    cfg = detect(tensors, path)
+    validate(tensors, cfg, path)
+    return Checkpoint(path, fmt, tensors, cfg, has_ema=has_ema, ema=ema, metadata=meta,
+                      dtype=tensors[PREFIXES["unet"] + "input_blocks.0.0.weight"].dtype,
+                      size_bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def _read_all(path: Path, ema: bool) -> tuple[dict, str, dict, bool]:
+    """(native-keyed tensors, format, file metadata, has EMA weights)."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
@@ -111,9 +129,7 @@ def open_checkpoint(path: str | Path, ema: bool = False) -> Checkpoint:
     has_ema = any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates") for k in tensors)
     if ema:
         tensors = _select_ema(tensors, path)
-    cfg = detect(tensors, path)
-    validate(tensors, cfg, path)
-    return Checkpoint(path, fmt, tensors, cfg, has_ema=has_ema, ema=ema, metadata=meta)
+    return tensors, fmt, meta, has_ema
 
 
 def _read_single_file(path: Path) -> tuple[dict, str, dict]:

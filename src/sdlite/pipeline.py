@@ -10,6 +10,7 @@ device, so a seed gives the same image as CompVis and diffusers (CPU generator) 
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import warnings
@@ -23,6 +24,7 @@ from PIL import Image
 from . import images as imgs
 from . import samplers, schedule
 from .checkpoint import Checkpoint, open_checkpoint
+from .precision import compute_in
 from .errors import InputError, SdliteError
 from .tokenizer import get_tokenizer
 
@@ -60,24 +62,68 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
+MEMORY_MODES = ("normal", "low")
+COMPONENT_ATTRS = {"text": "text_encoder", "unet": "unet", "vae": "vae"}
+
+
 class StableDiffusion:
     """A Stable Diffusion v1.x model ready to generate.
 
     `StableDiffusion("model.safetensors")` accepts CompVis .ckpt/.safetensors files and
-    diffusers folders. `device` defaults to "cpu"; `dtype` to float32 on CPU and float16 on GPUs.
+    diffusers folders.
+
+    - `device`: "cpu" (default), "cuda", "mps", ...
+    - `dtype`: the compute dtype; float32 on CPU and float16 on GPUs by default. On the CPU,
+      weights stored in fp16/bf16 stay in their stored dtype and each layer computes in `dtype`
+      (no full-precision copy of the model).
+    - `memory`: "normal" keeps the three models loaded for repeated generation; "low" keeps at
+      most one resident: text encoder, then UNet, then VAE, each loaded from the (memory-mapped)
+      checkpoint when needed and freed after use.
     """
 
     def __init__(self, model: str | Path | Checkpoint, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, ema: bool = False):
+                 dtype: torch.dtype | None = None, ema: bool = False, memory: str = "normal"):
+        if memory not in MEMORY_MODES:
+            raise InputError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         self.checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model, ema=ema)
         self.device = torch.device(device)
         self.dtype = dtype or _default_dtype(self.device)
+        self.memory = memory
         self.config = self.checkpoint.config
-        self.text_encoder = self.checkpoint.load("text", self.dtype, self.device)
-        self.unet = self.checkpoint.load("unet", self.dtype, self.device)
-        self.vae = self.checkpoint.load("vae", self.dtype, self.device)
+        self.text_encoder = self.unet = self.vae = None
         self.tokenizer = get_tokenizer()
         self.alphas_cumprod = schedule.alphas_cumprod()
+        if memory == "low":
+            self.checkpoint.release()  # from now on each load maps only what it needs
+        else:
+            for component in COMPONENT_ATTRS:
+                self.resident(component)
+
+    def load_component(self, component: str) -> torch.nn.Module:
+        """Load one model from the checkpoint for this device and compute dtype."""
+        stored = self.checkpoint.dtype
+        keep_stored = self.device.type == "cpu" and stored != self.dtype and stored in (torch.float16, torch.bfloat16) \
+            and self.dtype == torch.float32
+        model = self.checkpoint.load(component, None if keep_stored else self.dtype, self.device)
+        return compute_in(model, self.dtype) if keep_stored else model
+
+    def resident(self, component: str) -> torch.nn.Module:
+        """The loaded model for a component, loading it if needed."""
+        attr = COMPONENT_ATTRS[component]
+        if getattr(self, attr) is None:
+            setattr(self, attr, self.load_component(component))
+        return getattr(self, attr)
+
+    def done_with(self, component: str) -> None:
+        """In low-memory mode, free a model once its stage is over."""
+        if self.memory == "low":
+            setattr(self, COMPONENT_ATTRS[component], None)
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def resident_components(self) -> list[str]:
+        return [c for c, attr in COMPONENT_ATTRS.items() if getattr(self, attr) is not None]
 
     @property
     def is_inpainting_model(self) -> bool:
@@ -97,7 +143,7 @@ class StableDiffusion:
                 warnings.warn(f"prompt truncated to 77 tokens ({t.num_truncated} dropped): {p[:60]!r}", stacklevel=3)
         ids = torch.tensor([t.ids for t in tokens], device=self.device)
         with torch.inference_mode():
-            return self.text_encoder(ids, clip_skip=clip_skip)
+            return self.resident("text")(ids, clip_skip=clip_skip)
 
     def noise(self, job: _Job) -> torch.Tensor:
         """One draw of unit noise per image from its own generator, float32 on the CPU."""
@@ -109,9 +155,10 @@ class StableDiffusion:
         out = []
         with torch.inference_mode():
             for i, g in enumerate(job.generators):
-                mean, logvar = self.vae.encode(image[i : i + 1].to(self.device, self.dtype))
+                mean, logvar = self.resident("vae").encode(image[i : i + 1].to(self.device, self.dtype))
                 eps = torch.randn(mean.shape, generator=g, dtype=torch.float32).to(self.device, mean.dtype)
                 out.append(mean + torch.exp(0.5 * logvar) * eps)
+        self.done_with("vae")
         return torch.cat(out).float() * self.config.vae.scale_factor
 
     def denoise(self, x: torch.Tensor, sigmas: torch.Tensor, job: _Job, cond: torch.Tensor,
@@ -122,9 +169,11 @@ class StableDiffusion:
         denoiser = samplers.Denoiser(self._eps, self.alphas_cumprod, interpolation=interpolation)
         model = denoiser.bind(cond, uncond, job.guidance_scale, extra_channels)
         options = {"eta": job.eta} if job.sampler in ("ddim", "euler_a") and job.eta is not None else {}
+        self.resident("unet")
         with torch.inference_mode():
             x = samplers.get_sampler(job.sampler)(model, x, sigmas, callback=callback,
                                                   noise_sampler=self._noise_sampler(x, job), **options)
+        self.done_with("unet")
         return samplers.to_vp(x, sigmas[-1])
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -140,12 +189,13 @@ class StableDiffusion:
         z = latents / self.config.vae.scale_factor
         if not torch.isfinite(z).all():
             raise SdliteError("the sampler produced NaN/inf latents (try float32, fewer steps or another sampler)")
+        vae = self.resident("vae")
         with torch.inference_mode():
-            image = self.vae.decode(z.to(self.device, self.dtype)).float()
+            image = vae.decode(z.to(self.device, self.dtype)).float()
             if not torch.isfinite(image).all() and self.dtype != torch.float32:
                 warnings.warn("VAE decode gave NaN/inf in reduced precision; retrying in float32", stacklevel=2)
-                image = self.vae.float().decode(z.float().to(self.device)).float()
-                self.vae.to(self.dtype)
+                image = compute_in(vae, torch.float32).decode(z.float().to(self.device)).float()
+        self.done_with("vae")
         if not torch.isfinite(image).all():
             raise SdliteError("the VAE decoder produced NaN/inf (broken VAE weights?)")
         return image
@@ -180,6 +230,7 @@ class StableDiffusion:
     def _conditioning(self, job: _Job):
         cond = self.encode_prompt(job.prompts, job.clip_skip)
         uncond = None if job.guidance_scale == 1 else self.encode_prompt(job.negatives, job.clip_skip)
+        self.done_with("text")
         return cond, uncond
 
     def _sigmas(self, job: _Job) -> torch.Tensor:
