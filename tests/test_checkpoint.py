@@ -120,8 +120,12 @@ def test_ckpt_with_and_without_state_dict_wrapper(tiny, tiny_single, tmp_path, w
     path = tmp_path / "model.ckpt"
     torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
     monkeypatch.delitem(sys.modules, mod.__name__)  # the loader must not need the class
-    assert open_checkpoint(path).format == "ckpt"
+    ck = open_checkpoint(path)
+    assert ck.format == "ckpt"
     check_unet_matches(path, tiny)
+    ids = torch.randint(0, 49408, (1, 77), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():  # the text encoder loads although the file has a position_ids buffer
+        assert_close(ck.load("text")(ids), tiny.pipe.text_encoder(ids)[0], what="text from .ckpt")
 
 
 def test_diffusers_folder_bin_and_prefixed_text_keys(tiny, tmp_path):

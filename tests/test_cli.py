@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,7 +235,7 @@ def test_quiet_prints_nothing(capsys, tiny_file, tmp_path):
 def test_progress_and_result_lines(capsys, tiny_file, tmp_path):
     rc, out, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--seed", 1, "-o", tmp_path)
     assert rc == 0
-    assert "2/2" in err and "step" in err  # tqdm bar on stderr: step count and rate
+    assert re.search(r"\d/2 \[\d\d:\d\d<", err) and "step/s" in err  # tqdm on stderr: count, ETA, rate
     assert out.strip().splitlines()[0].startswith(str(tmp_path / "00000-1.png"))
 
 
@@ -404,9 +405,10 @@ def test_metadata_round_trip_with_awkward_values():
 
 
 def test_missing_model_says_how_to_pass_one(capsys, tmp_path):
-    rc, _, err = run(capsys, "txt2img", "x", *FAST, "-o", tmp_path)
+    rc, _, err = run(capsys, "txt2img", "x", *FAST, "-o", tmp_path / "out")
     assert rc == 2
     one_line_error(err, "--model", "SDLITE_MODEL")
+    assert not (tmp_path / "out").exists()
     rc, _, err = run(capsys, "txt2img", "x", "-m", tmp_path / "nope.safetensors", *FAST, "-o", tmp_path)
     assert rc == 2
     one_line_error(err, "nope.safetensors", "no such file")
@@ -451,6 +453,12 @@ def test_usage_errors_exit_2_before_loading(capsys, tmp_path, args, needles):
     rc, out, err = run(capsys, "txt2img", "x", "-m", tmp_path / "missing.safetensors", "-o", tmp_path, *args)
     assert rc == 2 and out == ""
     one_line_error(err, *needles)
+
+
+def test_inpainting_checkpoint_needs_inpaint(capsys, tiny_inpaint_file, tmp_path):
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_inpaint_file, *FAST, "-o", tmp_path)
+    assert rc == 2
+    one_line_error(err.strip().splitlines()[-1], "inpainting checkpoint", "sdlite inpaint")  # after "loaded ..."
 
 
 def test_unwritable_outdir(capsys, tiny_file, tmp_path):

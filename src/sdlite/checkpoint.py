@@ -62,7 +62,7 @@ class Checkpoint:
         """One component's tensors with its prefix stripped (the module's own keys)."""
         prefix = PREFIXES[component]
         tensors = self.tensors if self.tensors is not None else self._reread(component)
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and not _ignored(k)}
 
     def release(self) -> None:
         """Drop this object's own view of the file (the memory map), keeping only what the loaded

@@ -113,7 +113,7 @@ class _UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise _UsageError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
+        raise _UsageError(f"{PROG}: error: {message} (see '{self.prog} --help')")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +388,12 @@ class Model:
 
 def cmd_generate(args, ui: UI) -> int:
     run = resolve_run(args)
+    resolve_model_path(args.model)
+    resolve_device(args.device)
+    run.outdir = meta.check_outdir(run.outdir)
     model = load_model(args.model, args.vae, args.device, args.dtype, ui)
+    if model.sd.is_inpainting_model and run.mode != "inpaint":
+        raise InputError(f"{model.name} is an inpainting checkpoint (9-channel UNet): use 'sdlite inpaint'")
     if run.expected_hash and model.hash and run.expected_hash != model.hash:
         ui.note(f"note: {args.params_from} was made with model hash {run.expected_hash}, this model is "
                 f"{model.hash}: the image will differ")
@@ -433,7 +438,6 @@ def resolve_run(args) -> Run:
               expected_hash=opts.get("expected_hash"), expected_vae=opts.get("expected_vae"))
     _validate(run)
     _load_images(run, args)
-    run.outdir = meta.check_outdir(run.outdir)
     return run
 
 

@@ -29,7 +29,10 @@ from PIL import Image, PngImagePlugin
 from . import samplers
 from .errors import InputError, SdliteError
 
-VERSION_TAG = "sdlite"  # "Version: sdlite 0.1.0" (A1111 writes "Version: v1.9.4")
+# "Version: sdlite 0.1.0". A1111 writes "Version: v1.9.4" and, reading an infotext, turns on
+# back-compatibility options for versions < 1.7 (packaging.version.parse); "sdlite 0.1.0" does
+# not parse as a version there, so pasting our parameters into A1111 changes no option.
+VERSION_TAG = "sdlite"
 SCHEDULES = {"automatic": False, "karras": True}  # A1111 "Schedule type" -> karras flag
 PARAMETERS_KEY = "parameters"
 _PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's re_param

@@ -93,9 +93,10 @@ class StableDiffusion:
         self.text_encoder = self.unet = self.vae = None
         self.tokenizer = get_tokenizer()
         self.alphas_cumprod = schedule.alphas_cumprod()
-        if memory == "low":
-            self.checkpoint.release()  # from now on each load maps only what it needs
-        else:
+        # From now on each component is loaded through its own memory map, so a model that is
+        # freed (or converted to another dtype) gives its pages back.
+        self.checkpoint.release()
+        if memory == "normal":
             for component in COMPONENT_ATTRS:
                 self.resident(component)
 
