@@ -82,13 +82,19 @@ class StableDiffusion:
     """
 
     def __init__(self, model: str | Path | Checkpoint, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, ema: bool = False, memory: str = "normal"):
+                 dtype: torch.dtype | None = None, ema: bool = False, memory: str = "normal",
+                 cuda_graphs: bool | None = None, fast: bool = False):
         if memory not in MEMORY_MODES:
             raise InputError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         self.checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model, ema=ema)
         self.device = torch.device(device)
         self.dtype = dtype or _default_dtype(self.device)
         self.memory = memory
+        # CUDA graphs replay the same kernels (exact mode), so they are on by default on CUDA.
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise InputError("cuda_graphs=True needs device='cuda'")
+        self.fast = fast
         self.config = self.checkpoint.config
         self.text_encoder = self.unet = self.vae = None
         self.tokenizer = get_tokenizer()
@@ -106,7 +112,21 @@ class StableDiffusion:
         keep_stored = self.device.type == "cpu" and stored != self.dtype and stored in (torch.float16, torch.bfloat16) \
             and self.dtype == torch.float32
         model = self.checkpoint.load(component, None if keep_stored else self.dtype, self.device)
-        return compute_in(model, self.dtype) if keep_stored else model
+        model = compute_in(model, self.dtype) if keep_stored else model
+        if component == "unet":
+            model = self._speed_up(model)
+        return model
+
+    def _speed_up(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """Exact-mode CUDA graphs; fast mode adds torch.compile (different kernels, PSNR-checked)."""
+        if self.fast and self.device.type == "cuda":
+            unet = unet.to(memory_format=torch.channels_last)
+            unet.forward = torch.compile(unet.forward, dynamic=False)
+        if self.cuda_graphs:
+            from .cudagraph import GraphedUNet
+
+            unet = GraphedUNet(unet)
+        return unet
 
     def resident(self, component: str) -> torch.nn.Module:
         """The loaded model for a component, loading it if needed."""

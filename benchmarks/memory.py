@@ -1,0 +1,241 @@
+"""Peak memory of one image, per stage, sdlite vs diffusers, on the full SD v1.5 architecture.
+
+    python benchmarks/memory.py [--device cpu|cuda] [--configs a,b,...] [--steps N] [--json OUT]
+
+Each configuration runs in a fresh child process on the same random-weight checkpoint files
+(made once by benchmarks/load_memory.py's helpers, cached in ./.cache/bench). A child reports:
+- CPU: peak RSS of the whole process (VmHWM) and, per stage (text encode, denoise, decode), the
+  peak RSS sampled every 5 ms by a thread while that stage runs;
+- CUDA: torch.cuda.max_memory_allocated overall and per stage (peak stats reset at each stage);
+- seconds per denoising step (median of the steps after the first) and total seconds.
+Output: JSON (--json) and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+GiB = 1024**3
+PROMPT = "a photograph of an astronaut riding a horse"
+
+# name -> (implementation, options). Sizes are square; "file" names the checkpoint variant.
+CONFIGS = {
+    "sdlite-fp32": ("sdlite", dict(file="fp32", size=512)),
+    "sdlite-low-fp16": ("sdlite", dict(file="fp16", size=512, memory="low")),
+    "sdlite-low-int8": ("sdlite", dict(file="int8", size=512, memory="low")),
+    "sdlite-low-int8-chunked": ("sdlite", dict(file="int8", size=512, memory="low", attention="chunked")),
+    "sdlite-low-int8-1024": ("sdlite", dict(file="int8", size=1024, memory="low", vae_tiling="on")),
+    "diffusers-fp32": ("diffusers", dict(file="fp32", size=512)),
+    "diffusers-fp32-sliced-tiled": ("diffusers", dict(file="fp32", size=512, slicing=True, vae_tiling=True)),
+    # CUDA configurations (fp16 compute)
+    "sdlite-cuda-fp16": ("sdlite", dict(file="fp16", size=512)),
+    "sdlite-cuda-low-int8": ("sdlite", dict(file="int8", size=512, memory="low")),
+    "sdlite-cuda-fp16-1024": ("sdlite", dict(file="fp16", size=1024)),
+    "diffusers-cuda-fp16": ("diffusers", dict(file="fp16", size=512)),
+    "diffusers-cuda-fp16-offload": ("diffusers", dict(file="fp16", size=512, offload="model")),
+    "diffusers-cuda-fp16-seq-offload": ("diffusers", dict(file="fp16", size=512, offload="sequential")),
+    "diffusers-cuda-fp16-1024": ("diffusers", dict(file="fp16", size=1024)),
+    "diffusers-cuda-fp16-1024-tiled": ("diffusers", dict(file="fp16", size=1024, vae_tiling=True)),
+}
+CPU_DEFAULT = ["sdlite-fp32", "sdlite-low-fp16", "sdlite-low-int8", "sdlite-low-int8-1024",
+               "diffusers-fp32", "diffusers-fp32-sliced-tiled"]
+CUDA_DEFAULT = ["sdlite-cuda-fp16", "sdlite-cuda-low-int8", "sdlite-cuda-fp16-1024", "diffusers-cuda-fp16",
+                "diffusers-cuda-fp16-offload", "diffusers-cuda-fp16-1024", "diffusers-cuda-fp16-1024-tiled"]
+
+
+class StageMeter:
+    """Peak memory per named stage: a sampling thread on CPU, allocator stats on CUDA."""
+
+    def __init__(self, device: str):
+        self.device, self.stage, self.peaks = device, None, {}
+        self.step_times: list[float] = []
+        if device == "cpu":
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def _sample(self):
+        while True:
+            if self.stage is not None:
+                self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), self.rss())
+            time.sleep(0.005)
+
+    def enter(self, stage: str):
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.stage = stage
+
+    def leave(self):
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), torch.cuda.max_memory_allocated())
+        else:
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), self.rss())
+        self.stage = None
+
+    def wrap(self, obj, name: str, stage: str):
+        fn = getattr(obj, name)
+
+        def wrapped(*a, **k):
+            self.enter(stage)
+            try:
+                return fn(*a, **k)
+            finally:
+                self.leave()
+        setattr(obj, name, wrapped)
+
+    def step(self, *args):
+        self.step_times.append(time.perf_counter())
+
+
+def _files(workdir: Path) -> dict:
+    return {"fp32": workdir / "sd15-fp32.safetensors", "fp16": workdir / "sd15-fp16.safetensors",
+            "int8": workdir / "sd15-int8.safetensors"}
+
+
+def run_sdlite(opts: dict, device: str, steps: int, meter: StageMeter, workdir: Path):
+    import torch
+
+    from sdlite.pipeline import StableDiffusion
+
+    kwargs = {k: opts[k] for k in ("memory", "attention", "vae_tiling") if k in opts}
+    sd = StableDiffusion(_files(workdir)[opts["file"]], device=device, **kwargs)
+    meter.wrap(sd, "encode_prompt", "text")
+    meter.wrap(sd, "denoise", "denoise")
+    meter.wrap(sd, "decode", "decode")
+    size = opts["size"]
+    sd.txt2img(PROMPT, width=size, height=size, steps=steps, sampler="ddim", seed=1, callback=meter.step)
+    del sd, torch
+
+
+def run_diffusers(opts: dict, device: str, steps: int, meter: StageMeter, workdir: Path):
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(_files(workdir)[opts["file"]]), config=str(workdir / "diffusers-sd15-config"), local_files_only=True,
+        safety_checker=None, torch_dtype=dtype)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if opts.get("slicing"):
+        pipe.enable_attention_slicing()
+    if opts.get("vae_tiling"):
+        pipe.vae.enable_tiling()
+    if opts.get("offload") == "model":
+        pipe.enable_model_cpu_offload()
+    elif opts.get("offload") == "sequential":
+        pipe.enable_sequential_cpu_offload()
+    elif device == "cuda":
+        pipe.to("cuda")
+    meter.wrap(pipe, "encode_prompt", "text")
+    meter.wrap(pipe.unet, "forward", "denoise")
+    meter.wrap(pipe.vae, "decode", "decode")
+    size = opts["size"]
+    pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
+         generator=torch.Generator().manual_seed(1),
+         callback_on_step_end=lambda p, i, t, kw: (meter.step(), kw)[1])
+
+
+def child(name: str, device: str, steps: int, workdir: Path) -> dict:
+    impl, opts = CONFIGS[name]
+    meter = StageMeter(device)
+    t0 = time.perf_counter()
+    (run_sdlite if impl == "sdlite" else run_diffusers)(opts, device, steps, meter, workdir)
+    total = time.perf_counter() - t0
+    times = meter.step_times
+    per_step = statistics.median(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else None
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    out = {"name": name, "impl": impl, **opts, "device": device, "steps": steps, "seconds_total": total,
+           "seconds_per_step": per_step, "stage_peaks": meter.peaks}
+    if device == "cuda":
+        import torch
+
+        out["peak"] = max(meter.peaks.values())
+        out["gpu"] = torch.cuda.get_device_name()
+    else:
+        out["peak"] = hwm
+    out["peak_rss"] = hwm
+    return out
+
+
+def prepare(workdir: Path, need: set[str]) -> None:
+    import load_memory
+
+    load_memory.make_files(workdir, ["safetensors"])
+    if not (workdir / "diffusers-sd15-config" / "model_index.json").exists():
+        load_memory.make_diffusers_config(workdir / "diffusers-sd15-config")
+    int8 = _files(workdir)["int8"]
+    if "int8" in need and not int8.exists():
+        import sdlite
+
+        sdlite.export_checkpoint(_files(workdir)["fp32"], int8, int8=True)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| config | device | size | peak (GiB) | text | denoise | decode | s/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | | | error: {r['error'][:60]} | | | | |")
+            continue
+        sp = r["stage_peaks"]
+        cell = lambda k: f"{sp[k] / GiB:.2f}" if k in sp else "-"  # noqa: E731
+        s = f"{r['seconds_per_step']:.2f}" if r["seconds_per_step"] else "-"
+        lines.append(f"| {r['name']} | {r['device']} | {r['size']} | {r['peak'] / GiB:.2f} | {cell('text')} | "
+                     f"{cell('denoise')} | {cell('decode')} | {s} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--configs", help="comma-separated names from: " + ", ".join(CONFIGS))
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--workdir", default=str(ROOT / ".cache" / "bench"))
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    workdir = Path(args.workdir)
+    if args.child:
+        print(json.dumps(child(args.child, args.device, args.steps, workdir)))
+        return 0
+    names = args.configs.split(",") if args.configs else (CUDA_DEFAULT if args.device == "cuda" else CPU_DEFAULT)
+    prepare(workdir, {CONFIGS[n][1]["file"] for n in names})
+    rows = []
+    for name in names:
+        cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--steps", str(args.steps),
+               "--workdir", str(workdir)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append({"name": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"})
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"memory-{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

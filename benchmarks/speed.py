@@ -1,0 +1,235 @@
+"""Speed, sdlite vs diffusers, same weights, same settings, same process run.
+
+    python benchmarks/speed.py --device cpu  --size 256,512 --steps 3 [--reps 2]
+    python benchmarks/speed.py --device cuda --size 512 --steps 50 [--reps 3] [--fast] [--diffusers-compile]
+
+Measures, warm (after one untimed run) and repeated:
+- per UNet call (CFG batch 2) and its achieved TFLOP/s (FLOPs counted with
+  torch.utils.flop_counter on one call),
+- per denoising step (median interval between step callbacks),
+- end to end (text encode + denoise + decode) per image,
+and, in fresh child processes, the cold start: process start to first image from the
+single-file checkpoint (the OS page cache is warm; both sides get the same).
+Variants: sdlite exact (default options), on CUDA also without CUDA graphs, and --fast
+(torch.compile); diffusers eager SDPA (its default) and, with --diffusers-compile,
+torch.compile + channels_last. JSON to --json, markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+PROMPT = "a photograph of an astronaut riding a horse"
+NEG = "blurry"
+
+
+def sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps):
+    out = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def unet_flops(unet, x, t, c) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        unet(x, t, c)
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------- implementations
+
+
+class SdliteRunner:
+    def __init__(self, path, device, dtype, **options):
+        from sdlite.pipeline import StableDiffusion
+
+        self.sd = StableDiffusion(path, device=device, dtype=dtype, **options)
+        self.device = device
+
+    def unet(self):
+        return self.sd.unet
+
+    def generate(self, size, steps, seed, callback=None):
+        return self.sd.txt2img(PROMPT, NEG, width=size, height=size, steps=steps, sampler="ddim", seed=seed,
+                               callback=callback).images[0]
+
+
+class DiffusersRunner:
+    def __init__(self, path, device, dtype, config, compile=False):
+        import torch
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                        safety_checker=None, torch_dtype=dtype)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(device)
+        if compile:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
+        self.pipe, self.device = pipe, device
+
+    def unet(self):
+        u = self.pipe.unet
+        return lambda x, t, c: u(x, t, c).sample
+
+    def generate(self, size, steps, seed, callback=None):
+        import torch
+
+        cb = None if callback is None else (lambda p, i, t, kw: (callback(), kw)[1])
+        return self.pipe(PROMPT, negative_prompt=NEG, height=size, width=size, num_inference_steps=steps,
+                         guidance_scale=7.5, generator=torch.Generator().manual_seed(seed),
+                         callback_on_step_end=cb).images[0]
+
+
+def measure(runner, name, device, dtype, size, steps, reps, flops) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    lat = size // 8
+    x = torch.randn(2, 4, lat, lat, generator=g).to(device, dtype)
+    t = torch.tensor([500.0, 500.0], device=device)
+    c = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+    unet = runner.unet()
+    t_warm0 = time.perf_counter()
+    with torch.inference_mode():
+        unet(x, t, c)
+        sync(device)
+        warmup = time.perf_counter() - t_warm0
+        calls = timed(lambda: unet(x, t, c), device, max(3, reps * 2))
+    runner.generate(size, steps, seed=1)  # warm: allocator, graphs for the real shapes
+    stamps: list[float] = []
+    e2e = timed(lambda: runner.generate(size, steps, seed=1, callback=lambda *a: stamps.append(time.perf_counter())),
+                device, reps)
+    intervals = [b - a for a, b in zip(stamps, stamps[1:]) if b - a > 0]
+    per_call = statistics.median(calls)
+    return {"name": name, "device": device, "size": size, "steps": steps, "unet_call_s": per_call,
+            "unet_call_first_s": warmup, "tflops": flops / per_call / 1e12 if flops else None,
+            "step_s": statistics.median(intervals) if intervals else None,
+            "e2e_s": statistics.median(e2e), "e2e_all": e2e}
+
+
+def cold_start(impl, path, device, dtype_name, size, steps, config) -> float:
+    code = (
+        "import time, sys; t0 = time.perf_counter(); sys.path.insert(0, %r);"
+        "import torch, speed;"
+        "dt = getattr(torch, %r);"
+        "r = speed.SdliteRunner(%r, %r, dt) if %r == 'sdlite' else speed.DiffusersRunner(%r, %r, dt, %r);"
+        "r.generate(%d, %d, 1); speed.sync(%r); print(time.perf_counter() - t0)"
+    ) % (str(ROOT / "benchmarks"), dtype_name, str(path), device, impl, str(path), device, str(config),
+         size, steps, device)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+    return wall
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--size", default=None, help="comma-separated image sizes")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--fast", action="store_true", help="also measure sdlite fast mode")
+    ap.add_argument("--diffusers-compile", action="store_true")
+    ap.add_argument("--no-cold", action="store_true", help="skip the cold-start children")
+    ap.add_argument("--workdir", default=str(ROOT / ".cache" / "bench"))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    import load_memory
+    import torch
+
+    workdir = Path(args.workdir)
+    load_memory.make_files(workdir, ["safetensors"])
+    config = workdir / "diffusers-sd15-config"
+    if not (config / "model_index.json").exists():
+        load_memory.make_diffusers_config(config)
+    cuda = args.device == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    path = workdir / ("sd15-fp16.safetensors" if cuda else "sd15-fp32.safetensors")
+    sizes = [int(s) for s in (args.size or ("512" if cuda else "256,512")).split(",")]
+    steps = args.steps or (50 if cuda else 3)
+    variants = [("sdlite", lambda: SdliteRunner(path, args.device, dtype))]
+    if cuda:
+        variants.append(("sdlite-no-graphs", lambda: SdliteRunner(path, args.device, dtype, cuda_graphs=False)))
+    if args.fast:
+        variants.append(("sdlite-fast", lambda: SdliteRunner(path, args.device, dtype, fast=True)))
+    variants.append(("diffusers", lambda: DiffusersRunner(path, args.device, dtype, config)))
+    if args.diffusers_compile:
+        variants.append(("diffusers-compile", lambda: DiffusersRunner(path, args.device, dtype, config, compile=True)))
+    rows = []
+    flops = {}
+    for name, make in variants:
+        t0 = time.perf_counter()
+        runner = make()
+        load_s = time.perf_counter() - t0
+        for size in sizes:
+            if size not in flops:
+                lat = size // 8
+                from sdlite.checkpoint import build_model
+                from sdlite.config import SD_V1
+
+                with torch.device("meta"):
+                    meta_unet = build_model("unet", SD_V1)
+                flops[size] = unet_flops(meta_unet, torch.zeros(2, 4, lat, lat, device="meta"),
+                                         torch.zeros(2, device="meta"), torch.zeros(2, 77, 768, device="meta"))
+            row = measure(runner, name, args.device, dtype, size, steps, args.reps, flops[size])
+            row["load_s"] = load_s
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        del runner
+        if cuda:
+            torch.cuda.empty_cache()
+    if not args.no_cold:
+        for impl in ("sdlite", "diffusers"):
+            cs = cold_start(impl, path, args.device, "float16" if cuda else "float32", sizes[0], steps, config)
+            rows.append({"name": f"{impl}-cold-start", "device": args.device, "size": sizes[0], "steps": steps,
+                         "cold_start_s": cs})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"speed-{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(markdown(rows, meta))
+    return 0
+
+
+def markdown(rows, meta) -> str:
+    lines = [f"{meta['date']}, {meta['device_name']}, torch {meta['torch']}",
+             "", "| variant | size | steps | UNet call (s) | TFLOP/s | step (s) | end to end (s) | cold start (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['size']} | {r['steps']} | {f(r.get('unet_call_s'))} | "
+                     f"{f(r.get('tflops'), 1)} | {f(r.get('step_s'))} | {f(r.get('e2e_s'))} | "
+                     f"{f(r.get('cold_start_s'), 1)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
