@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import sys
@@ -170,6 +171,9 @@ def pipeline_figures(models, cfg, args, report):
     for component, model in models.items():
         tensors.update({PREFIXES[component] + k: v for k, v in model.state_dict().items()})
     ckpt = Checkpoint(Path("random-sd15"), "safetensors", tensors, cfg, dtype=torch.float32)
+    ckpt.release = lambda: None  # in memory, nothing to re-map: keep the tensors for every variant
+    # Plain eager UNet (no CUDA-graph wrapper), so that quantize_model sees sdlite's UNetModel.
+    extra = {"cuda_graphs": False} if "cuda_graphs" in inspect.signature(StableDiffusion).parameters else {}
     variants = {"fp32": (torch.float32, False), "int8": (torch.float32, True)}
     if args.device != "cpu":
         variants.update({"fp16": (torch.float16, False), "int8 + fp16 compute": (torch.float16, True)})
@@ -177,7 +181,7 @@ def pipeline_figures(models, cfg, args, report):
     for size in args.sizes:
         images, latents, row = {}, {}, {}
         for name, (dtype, int8) in variants.items():
-            sd = StableDiffusion(ckpt, device=args.device, dtype=dtype)
+            sd = StableDiffusion(ckpt, device=args.device, dtype=dtype, **extra)
             if int8:
                 quantize_model(sd.unet)
                 quantize_model(sd.text_encoder)

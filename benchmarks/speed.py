@@ -88,7 +88,7 @@ class DiffusersRunner:
         pipe.to(device)
         if compile:
             pipe.unet.to(memory_format=torch.channels_last)
-            pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
+            pipe.unet = torch.compile(pipe.unet, fullgraph=True)
         self.pipe, self.device = pipe, device
 
     def unet(self):

@@ -26,6 +26,7 @@ from PIL import Image
 from sdlite import metadata as meta
 from sdlite.checkpoint import PREFIXES, export_checkpoint, open_checkpoint
 from sdlite.cli import main
+from sdlite.errors import InputError
 from sdlite.tensorfile import load_safetensors, save_safetensors
 
 FAST = ["-W", "32", "-H", "32", "--steps", "2"]
@@ -191,6 +192,9 @@ def test_save_png_skips_a_name_taken_meanwhile(tmp_path):
     (tmp_path / "00003-9.png").write_bytes(b"taken")
     path = meta.save_png(image, tmp_path, 9, "p", index=3)
     assert path.name == "00004-9.png" and (tmp_path / "00003-9.png").read_bytes() == b"taken"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like any file the user makes, not 0600
 
 
 def test_batch_seeds_are_seed_plus_i(capsys, tiny_file, tmp_path):
@@ -273,8 +277,10 @@ def test_inpaint(capsys, tiny_file, tiny_inpaint_file, tmp_path, which):
     assert rc == 0, err
     [png] = pngs(tmp_path / "out")
     text = Image.open(png).info["parameters"]
-    assert text.startswith("\nSteps: 2,") or text.startswith("Steps: 2,") or "Denoising strength: 1.0" in text
+    assert text.startswith("Steps: 2, Sampler: DDIM,")  # no prompt: A1111 writes no empty first line
     assert "Denoising strength: 1.0" in text and "Size: 32x32" in text
+    info = meta.parse_parameters(text)
+    assert info["Prompt"] == "" and info["Seed"] == "4"
 
 
 def _vae_variants(tiny_file: Path, folder: Path, tiny) -> dict[str, Path]:
@@ -301,14 +307,17 @@ def test_separate_vae_file(capsys, tiny, tiny_file, tmp_path):
         if path.is_file():
             vae_hash = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
             assert f"VAE hash: {vae_hash}, VAE: {path.name}" in Image.open(png).info["parameters"]
-    # a different VAE really is used
+    # a different VAE really is used, also when the low memory mode reloads it for each stage
     tensors = load_safetensors(tmp_path / "vae.safetensors")[0]
     tensors = {k: v.clone() for k, v in tensors.items()}
     tensors["decoder.conv_out.bias"] += 0.5
     save_safetensors(tensors, tmp_path / "brighter.safetensors")
-    rc, _, _ = run(capsys, "txt2img", "x", "-m", tiny_file, "--vae", tmp_path / "brighter.safetensors", *FAST,
-                   "--seed", 2, "-o", tmp_path / "brighter")
-    assert rc == 0 and pixels(pngs(tmp_path / "brighter")[0]).mean() > reference.mean() + 20
+    for memory in ("normal", "low"):
+        out_dir = tmp_path / f"brighter-{memory}"
+        rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, "--vae", tmp_path / "brighter.safetensors", *FAST,
+                         "--seed", 2, "--memory", memory, "-o", out_dir)
+        assert rc == 0, err
+        assert pixels(pngs(out_dir)[0]).mean() > reference.mean() + 20, memory
 
 
 def test_vae_errors(capsys, tiny_file, tmp_path):
@@ -382,6 +391,11 @@ def test_reads_a1111_infotext_variants(tmp_path):
     opts = meta.options_from_parameters(meta.parse_parameters(
         "x\nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 64x64"))
     assert (opts["sampler"], opts["karras"]) == ("euler_a", False)
+    # a sampler sdlite lacks: an error naming the way out, unless the caller picks the sampler
+    unknown = meta.parse_parameters("x\nSteps: 20, Sampler: DPM++ SDE, Schedule type: Karras, CFG scale: 7, Seed: 1")
+    with pytest.raises(InputError, match="choose one with --sampler"):
+        meta.options_from_parameters(unknown)
+    assert meta.options_from_parameters(unknown, sampler=False)["seed"] == 1
     # JPEG/WebP: A1111 stores the text in EXIF UserComment (UTF-16 big-endian)
     exif = Image.Exif()
     exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")

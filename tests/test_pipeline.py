@@ -293,3 +293,8 @@ def test_half_precision_vae_nan_is_retried_in_float32(tiny):
     with pytest.warns(UserWarning, match="retrying in float32"):
         res = sd.txt2img(PROMPT, width=32, height=32, steps=2, seed=1, sampler="euler")
     assert np.isfinite(np.asarray(res.images[0], dtype=float)).all()
+
+
+def test_too_many_ddim_steps_is_a_clear_error(tiny_sd):
+    with pytest.raises(InputError, match="at most 999"):
+        tiny_sd.txt2img(PROMPT, width=32, height=32, steps=1000, sampler="ddim")

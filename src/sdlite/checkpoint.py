@@ -78,16 +78,28 @@ class Checkpoint:
         return _read_all(self.path, self.ema)[0]
 
     def load(self, component: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
-        """Build one model on `meta` and fill it from the file (no second copy when dtype matches)."""
+        """Build one model on `meta` and fill it from the file (no second copy when dtype matches).
+
+        In an int8 file the quantized layers become Int8Linear/Int8Conv2d before loading, so
+        their int8 weights are used as stored (memory-mapped on the CPU) and their float32
+        scales are kept as they are; `dtype` converts the other floating-point tensors.
+        """
         with torch.device("meta"):
             model = build_model(component, self.config)
-        state = {k: v.to(device=device, dtype=dtype or v.dtype) if v.is_floating_point() else v.to(device)
-                 for k, v in self.state_dict(component).items()}
+        state = self.state_dict(component)
+        if self.quantization:
+            from .quantize import SCALE_SUFFIX, install_int8
+
+            install_int8(model, state)
+        state = {k: v.to(device=device, dtype=dtype or v.dtype)
+                 if v.is_floating_point() and not (self.quantization and k.endswith(SCALE_SUFFIX)) else v.to(device)
+                 for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval().requires_grad_(False)
 
-    dtype: torch.dtype = torch.float32  # the stored dtype of the UNet weights
+    dtype: torch.dtype = torch.float32  # the stored dtype of the UNet weights (float ones in an int8 file)
     size_bytes: int = 0  # bytes of all tensors in the file
+    quantization: str | None = None  # "int8" for files written by export_checkpoint(int8=True), else None
 
 
 def build_model(component: str, cfg: ModelConfig) -> nn.Module:
@@ -108,13 +120,26 @@ def open_checkpoint(path: str | Path, ema: bool = False) -> Checkpoint:
     `ema=True` selects the EMA UNet weights (`model_ema.*`) of files that carry both; the
     default follows the CompVis v1 inference config (`use_ema: False`).
     """
+    from .quantize import file_quantization
+
     path = Path(path).expanduser()
     tensors, fmt, meta, has_ema = _read_all(path, ema)
+    quantization = file_quantization(meta, tensors, path)  # refuses newer sdlite formats first
     cfg = detect(tensors, path)
-    validate(tensors, cfg, path)
+    validate(tensors, cfg, path, quantized=quantization is not None)
     return Checkpoint(path, fmt, tensors, cfg, has_ema=has_ema, ema=ema, metadata=meta,
-                      dtype=tensors[PREFIXES["unet"] + "input_blocks.0.0.weight"].dtype,
-                      size_bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
+                      dtype=_stored_dtype(tensors),
+                      size_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+                      quantization=quantization)
+
+
+def _stored_dtype(tensors: dict) -> torch.dtype:
+    first = tensors[PREFIXES["unet"] + "input_blocks.0.0.weight"]
+    if first.is_floating_point():
+        return first.dtype
+    # int8 file that quantized the first conv too: the dtype of its float weights
+    return next(v.dtype for k, v in tensors.items()
+                if k.startswith(PREFIXES["unet"]) and k.endswith(".weight") and v.is_floating_point())
 
 
 def _read_all(path: Path, ema: bool) -> tuple[dict, str, dict, bool]:
@@ -327,12 +352,23 @@ def _ignored(key: str) -> bool:
     return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES) or key.endswith(IGNORED_SUFFIXES)
 
 
-def validate(tensors: dict, cfg: ModelConfig, path) -> None:
-    """Every expected key present with the right shape; nothing unexpected but the ignore list."""
+def validate(tensors: dict, cfg: ModelConfig, path, quantized: bool = False) -> None:
+    """Every expected key present with the right shape; nothing unexpected but the ignore list.
+
+    In a quantized file (`quantized=True`) each int8 weight must come with its `<key>_scale`
+    (and a scale only with an int8 weight); float files accept no `_scale` keys.
+    """
     expected = {}
     for component, prefix in PREFIXES.items():
         with torch.device("meta"):
             model = build_model(component, cfg)
+        if quantized:
+            from .quantize import install_int8
+
+            try:
+                install_int8(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
         expected.update({prefix + k: v.shape for k, v in model.state_dict().items()})
     present = {k for k in tensors if not _ignored(k)}
     missing = sorted(set(expected) - present)
@@ -353,11 +389,16 @@ def validate(tensors: dict, cfg: ModelConfig, path) -> None:
 # ---------------------------------------------------------------------------- export
 
 
-def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, ema: bool = False) -> Path:
+def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, ema: bool = False,
+                      int8: bool = False, int8_vae: bool = False) -> Path:
     """Write any supported checkpoint as a standard CompVis-layout single-file .safetensors.
 
     Only the weights inference uses are written (no EMA copy, no schedule buffers).
     `dtype` converts floating-point weights (e.g. torch.float16 halves the file).
+    `int8=True` writes sdlite's int8 format (see `sdlite.quantize`): UNet and text encoder
+    Linear/Conv2d weights in int8 with per-channel scales (the VAE too with `int8_vae=True`),
+    everything else in `dtype` (default float16), quantized one tensor at a time as it is
+    written. An int8 source file stays int8.
     """
     dst = Path(dst)
     if dst.suffix.lower() != ".safetensors":
@@ -365,6 +406,24 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
     if not dst.parent.is_dir():
         raise CheckpointError(f"{dst.parent}: output folder does not exist")
     ckpt = open_checkpoint(src, ema=ema)
+    metadata = {"format": "pt", "sdlite.architecture": ckpt.config.name}
+    if int8 or ckpt.quantization:
+        return _export_int8(ckpt, dst, metadata, dtype or (torch.float16 if int8 else None), int8, int8_vae)
     out = {k: v for k, v in ckpt.tensors.items() if not _ignored(k)}
-    save_safetensors(out, dst, metadata={"format": "pt", "sdlite.architecture": ckpt.config.name}, cast=dtype)
+    save_safetensors(out, dst, metadata=metadata, cast=dtype)
+    return dst
+
+
+def _export_int8(ckpt: Checkpoint, dst: Path, metadata: dict, dtype: torch.dtype | None, int8: bool,
+                 int8_vae: bool) -> Path:
+    from .quantize import DEFAULT_COMPONENTS, METADATA, quantize_state_dict
+
+    out = {}
+    for component, prefix in PREFIXES.items():
+        state = {k: v for k, v in ckpt.state_dict(component).items() if not _ignored(prefix + k)}
+        quantize = int8 and (component in DEFAULT_COMPONENTS or (component == "vae" and int8_vae))
+        # Deferred values: each tensor is quantized/converted only when save_safetensors writes it.
+        part = quantize_state_dict(state, component, ckpt.config, layers=None if quantize else (), dtype=dtype, lazy=True)
+        out.update({prefix + k: v for k, v in part.items()})
+    save_safetensors(out, dst, metadata={**metadata, **METADATA})
     return dst

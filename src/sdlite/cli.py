@@ -253,6 +253,8 @@ def _generation_parent() -> argparse.ArgumentParser:
                    help="compute device (default auto: cuda, else mps, else cpu)")
     g.add_argument("--dtype", type=_dtype_name, metavar="{fp32,fp16,bf16}",
                    help="compute dtype (default fp32 on cpu, fp16 on gpu)")
+    g.add_argument("--memory", choices=("normal", "low"), default="normal",
+                   help="low: keep one model in memory at a time (slower, for small machines)")
     g = gen.add_argument_group("generation")
     g.add_argument("--negative-prompt", "-n", metavar="TEXT", help="what to steer away from")
     g.add_argument("--steps", "-s", type=_positive_int, metavar="N", help="sampling steps (default 50)")
@@ -391,7 +393,7 @@ def cmd_generate(args, ui: UI) -> int:
     resolve_model_path(args.model)
     resolve_device(args.device)
     run.outdir = meta.check_outdir(run.outdir)
-    model = load_model(args.model, args.vae, args.device, args.dtype, ui)
+    model = load_model(args.model, args.vae, args.device, args.dtype, ui, memory=args.memory)
     if model.sd.is_inpainting_model and run.mode != "inpaint":
         raise InputError(f"{model.name} is an inpainting checkpoint (9-channel UNet): use 'sdlite inpaint'")
     if run.expected_hash and model.hash and run.expected_hash != model.hash:
@@ -413,7 +415,7 @@ def resolve_run(args) -> Run:
         if text is None:
             raise InputError(f"{args.params_from}: no generation parameters in this image")
         info = meta.parse_parameters(text)
-        params = meta.options_from_parameters(info, args.params_from)
+        params = meta.options_from_parameters(info, args.params_from, sampler=args.sampler is None)
         if mode == "txt2img":
             params.pop("strength", None)
         opts.update({k: v for k, v in params.items() if k != "prompt"})
@@ -527,8 +529,8 @@ def resolve_model_path(arg: str | None) -> Path:
 
 
 def load_model(model_arg: str | None, vae_arg: str | None, device_name: str, dtype_name: str | None,
-               ui: UI) -> Model:
-    """Open the checkpoint (and the separate VAE) on the chosen device and dtype."""
+               ui: UI, memory: str = "normal") -> Model:
+    """Open the checkpoint (and the separate VAE) on the chosen device, dtype and memory mode."""
     import torch
 
     from .pipeline import StableDiffusion
@@ -539,11 +541,11 @@ def load_model(model_arg: str | None, vae_arg: str | None, device_name: str, dty
     device = resolve_device(device_name)
     dtype = getattr(torch, dtype_name) if dtype_name else None
     start = time.perf_counter()
-    sd = StableDiffusion(path, device=device, dtype=dtype)
+    sd = StableDiffusion(path, device=device, dtype=dtype, memory=memory)
     model = Model(sd, meta.model_hash(path), meta.model_name(path))
     if vae_arg:
         vae_path = Path(vae_arg).expanduser()
-        sd.vae = load_vae(vae_path, sd.config.vae, device=device, dtype=sd.dtype)
+        use_vae_file(sd, vae_path)
         model.vae_hash, model.vae_name = meta.model_hash(vae_path), vae_path.name
     dtype_label = str(sd.dtype).removeprefix("torch.")
     model.label = f"{model.name} ({sd.config.name}) on {device.type}, {dtype_label}"
@@ -641,6 +643,23 @@ def read_vae_tensors(path: Path) -> dict:
         what = ck.describe_foreign(tensors) if tensors else "an empty file"
         raise CheckpointError(f"{path}: not a VAE file: it looks like {what}")
     return tensors
+
+
+def use_vae_file(sd, path: Path) -> None:
+    """Make the pipeline use the VAE from `path`: now, and whenever it (re)loads its VAE
+    (memory="low" frees each model after its stage and loads it again when needed)."""
+    vae = load_vae(path, sd.config.vae, device=sd.device, dtype=sd.dtype)  # validates now
+    if sd.vae is not None:
+        sd.vae = vae
+    del vae
+    load_component = sd.load_component
+
+    def load(component: str):
+        if component == "vae":
+            return load_vae(path, sd.config.vae, device=sd.device, dtype=sd.dtype)
+        return load_component(component)
+
+    sd.load_component = load
 
 
 def load_vae(path: Path, model_vae_cfg, device="cpu", dtype=None):

@@ -110,7 +110,7 @@ def format_parameters(params: dict, *, model_hash: str | None = None, model_name
     body = ", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None)
     negative = params.get("negative_prompt") or ""
     lines = [params.get("prompt") or ""] + ([f"Negative prompt: {negative}"] if negative else []) + [body]
-    return "\n".join(lines)
+    return "\n".join(lines).strip()  # as A1111: an empty prompt leaves no empty first line
 
 
 def parse_parameters(text: str) -> dict[str, str]:
@@ -135,20 +135,19 @@ def parse_parameters(text: str) -> dict[str, str]:
     return out
 
 
-def options_from_parameters(info: dict[str, str], source: str = "image") -> dict:
+def options_from_parameters(info: dict[str, str], source: str = "image", sampler: bool = True) -> dict:
     """sdlite run options (prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed,
-    width, height, clip_skip, strength) from parsed infotext; only the fields present."""
+    width, height, clip_skip, strength) from parsed infotext; only the fields present.
+
+    sampler=False skips the sampler and schedule (the caller chooses them), so an image made
+    with a sampler sdlite lacks can still be reused.
+    """
     if "Steps" not in info or "Sampler" not in info:
         raise InputError(f"{source}: no generation parameters (Steps, Sampler) in its metadata")
     opts: dict = {"prompt": info.get("Prompt", ""), "negative_prompt": info.get("Negative prompt", "")}
     try:
-        opts["sampler"], opts["karras"] = resolve_sampler(info["Sampler"])
-        if "Schedule type" in info:
-            schedule = info["Schedule type"].strip().lower()
-            if schedule not in SCHEDULES:
-                raise InputError(f"{source}: schedule type {info['Schedule type']!r} is not supported "
-                                 f"(sdlite has Automatic and Karras)")
-            opts["karras"] = opts["karras"] or SCHEDULES[schedule]
+        if sampler:
+            opts.update(_sampler_options(info, source))
         opts["steps"] = int(info["Steps"])
         for key, name, conv in (("CFG scale", "cfg_scale", float), ("Seed", "seed", int),
                                 ("Clip skip", "clip_skip", int), ("Denoising strength", "strength", float)):
@@ -160,6 +159,18 @@ def options_from_parameters(info: dict[str, str], source: str = "image") -> dict
     except ValueError as e:
         raise InputError(f"{source}: unreadable generation parameters ({e})") from None
     return opts
+
+
+def _sampler_options(info: dict[str, str], source: str) -> dict:
+    try:
+        name, karras = resolve_sampler(info["Sampler"])
+    except InputError as e:
+        raise InputError(f"{source}: {e}; choose one with --sampler") from None
+    schedule = info.get("Schedule type", "Automatic").strip().lower()
+    if schedule not in SCHEDULES:
+        raise InputError(f"{source}: schedule type {info['Schedule type']!r} is not supported "
+                         "(sdlite has Automatic and Karras); choose one with --sampler")
+    return {"sampler": name, "karras": karras or SCHEDULES[schedule]}
 
 
 # ---------------------------------------------------------------------------- reading images
@@ -302,6 +313,7 @@ def save_png(image: Image.Image, outdir: Path, seed: int, parameters: str, index
             _write_png(image, f, info)
             f.flush()
             os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an image gets the usual mode
         index = next_index(outdir) if index is None else index
         while True:
             target = outdir / f"{index:05d}-{seed}.png"
@@ -311,6 +323,12 @@ def save_png(image: Image.Image, outdir: Path, seed: int, parameters: str, index
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _write_png(image: Image.Image, f, info: PngImagePlugin.PngInfo) -> None:

@@ -180,7 +180,8 @@ class StableDiffusion:
                 eps = torch.randn(mean.shape, generator=g, dtype=torch.float32).to(self.device, mean.dtype)
                 out.append(mean + torch.exp(0.5 * logvar) * eps)
         self.done_with("vae")
-        return torch.cat(out).float() * self.config.vae.scale_factor
+        # Latent bookkeeping (noise, blending) happens on the CPU in float32, like x_T.
+        return torch.cat(out).float().cpu() * self.config.vae.scale_factor
 
     def denoise(self, x: torch.Tensor, sigmas: torch.Tensor, job: _Job, cond: torch.Tensor,
                 uncond: torch.Tensor | None, extra_channels: torch.Tensor | None = None,

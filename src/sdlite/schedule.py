@@ -60,6 +60,8 @@ def leading_timesteps(steps: int, num_train_steps: int = NUM_TRAIN_STEPS,
     # We always run exactly n steps, as diffusers does.
     check_steps(steps, num_train_steps)
     ratio = num_train_steps // steps
+    if (steps - 1) * ratio + steps_offset >= num_train_steps:  # the offset pushes past the table
+        raise InputError(f"{steps} steps is too many for DDIM/PLMS (at most {num_train_steps - steps_offset})")
     return (torch.arange(steps, dtype=torch.int64) * ratio + steps_offset).flip(0)
 
 

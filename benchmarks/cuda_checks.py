@@ -1,0 +1,84 @@
+"""Accuracy checks that need a GPU, on the full random-weight SD v1.5 checkpoint (fp16, CUDA):
+- CUDA graphs (exact mode) vs eager: identical latents;
+- sdlite vs diffusers, same seed and settings: PSNR of the decoded images and max latent diff;
+- fast mode (torch.compile) vs exact mode: PSNR of the decoded images (target >= 40 dB).
+
+    python benchmarks/cuda_checks.py [--steps 20] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def psnr(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = ((a - b) ** 2).mean()
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--workdir", default=str(ROOT / ".cache" / "bench"))
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cuda-checks.json"))
+    args = ap.parse_args(argv)
+    import load_memory
+    import torch
+
+    from sdlite.pipeline import StableDiffusion
+
+    workdir = Path(args.workdir)
+    load_memory.make_files(workdir, ["safetensors"])
+    config = workdir / "diffusers-sd15-config"
+    if not (config / "model_index.json").exists():
+        load_memory.make_diffusers_config(config)
+    path = workdir / "sd15-fp16.safetensors"
+    kw = dict(width=args.size, height=args.size, steps=args.steps, sampler="ddim", seed=3)
+    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps, "size": args.size}
+    prompt = "a photograph of an astronaut riding a horse"
+
+    eager = StableDiffusion(path, device="cuda", cuda_graphs=False).txt2img(prompt, **kw)
+    graphs = StableDiffusion(path, device="cuda").txt2img(prompt, **kw)
+    out["graphs_vs_eager_latent_max_diff"] = (graphs.latents - eager.latents).abs().max().item()
+    out["graphs_vs_eager_psnr"] = psnr(graphs.images[0], eager.images[0])
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                    safety_checker=None, torch_dtype=torch.float16).to("cuda")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    lat = {}
+    ref = pipe(prompt, height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(3), output_type="pil",
+               callback_on_step_end=lambda p, i, t, k: (lat.__setitem__("x", k["latents"].float().cpu()), k)[1])
+    out["sdlite_vs_diffusers_latent_max_diff"] = (eager.latents.cpu() - lat["x"]).abs().max().item()
+    out["sdlite_vs_diffusers_latent_max_abs"] = lat["x"].abs().max().item()
+    out["sdlite_vs_diffusers_psnr"] = psnr(eager.images[0], ref.images[0])
+    del pipe
+    torch.cuda.empty_cache()
+
+    t0 = time.perf_counter()
+    fast = StableDiffusion(path, device="cuda", fast=True)
+    first = fast.txt2img(prompt, **kw)
+    out["fast_first_image_s"] = time.perf_counter() - t0
+    out["fast_vs_exact_psnr"] = psnr(first.images[0], eager.images[0])
+    out["fast_vs_exact_latent_max_diff"] = (first.latents - eager.latents).abs().max().item()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

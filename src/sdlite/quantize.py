@@ -1,0 +1,364 @@
+"""int8 weights: per-output-channel symmetric quantization of Linear and Conv2d layers.
+
+Each quantized layer keeps its weight as int8 `q` of the layer's own shape plus one float32
+scale per output channel; it computes with `q * scale` rebuilt on the fly in the input's dtype,
+so activations, norms, biases and embeddings keep their precision and only the weight storage
+shrinks (UNet + text encoder: about 1/4 of fp32, 1/2 of fp16).
+
+    scale[o] = max_i |w[o, i...]| / 127        (1.0 for an all-zero row)
+    q[o, i...] = round(w[o, i...] / scale[o])  in [-127, 127]
+    w ~= q * scale[o]                          (error <= scale[o] / 2 per weight)
+
+Like `precision.compute_in`, this acts from outside: `quantize_model(model)` swaps the layers
+of an already loaded model for `Int8Linear` / `Int8Conv2d` (explicit module swaps; the model
+files stay plain), and `install_int8(model, state)` does the same on a model built on `meta`
+so that a quantized file loads with `load_state_dict(assign=True)` and no float pass.
+
+A few layers stay in floating point by default (`DEFAULT_KEEP`), chosen by measuring, on the
+full SD v1.5 architecture with random weights, the UNet output error caused by quantizing each
+layer alone (see tests/test_quantize.py and benchmarks/int8_quality.py).
+
+File format ("int8-per-channel", format version 1)
+--------------------------------------------------
+A standard CompVis-layout single-file `.safetensors` (`sdlite convert --int8`,
+`export_checkpoint(..., int8=True)`), with:
+
+- every key and shape of the usual layout; the weight of each quantized layer is stored as
+  `I8` under its usual key (e.g. `model.diffusion_model.input_blocks.1.1.proj_in.weight`,
+  shape (320, 320, 1, 1));
+- beside it, `<weight key>_scale` (e.g. `...proj_in.weight_scale`): `F32`, shape
+  (out_channels,), so that `weight = weight.float() * weight_scale[:, None, ...]`;
+- all other floating-point tensors (biases, norms, embeddings, the layers kept in float, the
+  VAE unless it was quantized too) in fp16 unless another dtype was asked for;
+- safetensors metadata `"sdlite.quantization": "int8-per-channel"` and
+  `"sdlite.format_version": "1"`. A reader must refuse a format version it does not know.
+
+Which layers are quantized is read from the file (an `I8` weight with a `_scale` key), not from
+`DEFAULT_KEEP`, so files made with other keep lists load the same way. Tools that do not know
+the format will not load it (the int8 weights need their scales); `sdlite convert` of such a
+file without `--int8` keeps it int8.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError, InputError
+
+FORMAT = "int8-per-channel"
+FORMAT_VERSION = 1
+METADATA = {"sdlite.quantization": FORMAT, "sdlite.format_version": str(FORMAT_VERSION)}
+SCALE_SUFFIX = "_scale"  # <weight key> + SCALE_SUFFIX holds that weight's per-channel scales
+
+# Components quantized by default; the VAE is small (84M) and its output is the image itself.
+DEFAULT_COMPONENTS = ("unet", "text")
+# Layers kept in floating point (fnmatch patterns on module names; a pattern also covers the
+# modules below it). Chosen by the per-layer sensitivity measurement (module docstring).
+DEFAULT_KEEP: dict[str, tuple[str, ...]] = {
+    "unet": ("input_blocks.0.0", "out.2"),
+    "text": (),
+    "vae": ("encoder.conv_in", "decoder.conv_out", "quant_conv", "post_quant_conv"),
+}
+
+
+# ---------------------------------------------------------------------------- tensors
+
+
+def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel (dim 0) symmetric int8: (q int8 of w's shape, scale float32 (out,))."""
+    w = w.detach().to(torch.float32)
+    low, high = torch.aminmax(w.reshape(w.shape[0], -1), dim=1)
+    amax = torch.maximum(-low, high)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # zero rows: q = 0, any scale
+    q = torch.div(w, _per_row(scale, w.ndim)).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q * scale in `dtype`; the product is formed in float32 so tiny scales lose nothing in fp16."""
+    return (q.to(torch.float32) * _per_row(scale.to(torch.float32), q.ndim)).to(dtype)
+
+
+def _per_row(scale: torch.Tensor, ndim: int) -> torch.Tensor:
+    return scale.view(-1, *([1] * (ndim - 1)))  # (out,) -> (out, 1, ...)
+
+
+# ---------------------------------------------------------------------------- modules
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    # Parameters (not buffers) so that parameters() still lists every weight; int8 cannot
+    # require grad, and this is an inference engine.
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _bias(layer: nn.Module) -> nn.Parameter | None:
+    return None if layer.bias is None else _frozen(layer.bias.detach())
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an int8 weight (out, in) and float32 `weight_scale` (out,)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _frozen(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.weight_scale = _frozen(torch.empty(out_features, dtype=torch.float32, device=device))
+        self.bias = _frozen(torch.empty(out_features, device=device)) if bias else None
+
+    @classmethod
+    def like(cls, layer: nn.Linear) -> Int8Linear:
+        """An empty int8 twin of `layer` on the same device (e.g. meta, to be filled by loading)."""
+        return cls(layer.in_features, layer.out_features, layer.bias is not None, device=layer.weight.device)
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear) -> Int8Linear:
+        new = cls.like(layer)
+        new.weight, new.weight_scale = map(_frozen, quantize_tensor(layer.weight))
+        new.bias = _bias(layer)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+class Int8Conv2d(nn.Module):
+    """nn.Conv2d (zero padding) with an int8 weight (out, in/groups, kh, kw) and float32 `weight_scale` (out,)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, device=None):
+        super().__init__()
+        kernel_size = nn.modules.utils._pair(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        shape = (out_channels, in_channels // groups, *kernel_size)
+        self.weight = _frozen(torch.empty(shape, dtype=torch.int8, device=device))
+        self.weight_scale = _frozen(torch.empty(out_channels, dtype=torch.float32, device=device))
+        self.bias = _frozen(torch.empty(out_channels, device=device)) if bias else None
+
+    @classmethod
+    def like(cls, layer: nn.Conv2d) -> Int8Conv2d:
+        if layer.padding_mode != "zeros":
+            raise InputError(f"int8: Conv2d with padding_mode={layer.padding_mode!r} is not supported (only 'zeros')")
+        return cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                   layer.dilation, layer.groups, layer.bias is not None, device=layer.weight.device)
+
+    @classmethod
+    def from_float(cls, layer: nn.Conv2d) -> Int8Conv2d:
+        new = cls.like(layer)
+        new.weight, new.weight_scale = map(_frozen, quantize_tensor(layer.weight))
+        new.bias = _bias(layer)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        w = dequantize(self.weight, self.weight_scale, x.dtype)
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, int8")
+
+
+INT8_MODULES = {nn.Linear: Int8Linear, nn.Conv2d: Int8Conv2d}  # subclasses (precision.Cast*) too
+INT8_TYPES = (Int8Linear, Int8Conv2d)
+
+
+def _int8_class(layer: nn.Module) -> type | None:
+    return next((cls for base, cls in INT8_MODULES.items() if isinstance(layer, base)), None)
+
+
+# ---------------------------------------------------------------------------- choosing layers
+
+
+def component_of(model: nn.Module) -> str:
+    """"unet", "text" or "vae" for sdlite's models (picks the default keep list)."""
+    from .clip import CLIPTextEncoder
+    from .unet import UNetModel
+    from .vae import AutoencoderKL
+
+    for cls, name in ((UNetModel, "unet"), (CLIPTextEncoder, "text"), (AutoencoderKL, "vae")):
+        if isinstance(model, cls):
+            return name
+    raise InputError(f"int8: no default layer choice for a {type(model).__name__}; pass keep= or layers=")
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatchcase(name, p) or fnmatchcase(name, p + ".*") for p in patterns)
+
+
+def select_layers(model: nn.Module, keep: Iterable[str] | None = None, layers: Iterable[str] | None = None,
+                  component: str | None = None) -> list[str]:
+    """Names of the modules of `model` to quantize.
+
+    `layers=None`: every Linear and Conv2d except those matching `keep` (default:
+    `DEFAULT_KEEP[component]`). `layers=[...]`: exactly the modules matching these patterns,
+    which must all be Linear or Conv2d (anything else is an `InputError`). Patterns are fnmatch
+    patterns on module names (`"out.2"`, `"time_embed.*"`, `"*.attn2.to_k"`); a pattern also
+    covers the modules below it. A pattern that matches nothing is an `InputError` (a typo
+    would otherwise silently change what is quantized).
+    """
+    if keep is None:
+        keep = DEFAULT_KEEP[component or component_of(model)]
+    keep = tuple(keep)
+    modules = dict(model.named_modules())
+    for p in keep + tuple(layers or ()):
+        if not any(_matches(n, (p,)) for n in modules if n):
+            raise InputError(f"int8: layer pattern {p!r} matches no module of the {type(model).__name__}")
+    if layers is None:
+        return [n for n, m in modules.items() if _int8_class(m) is not None and not _matches(n, keep)]
+    chosen, bad = set(), []
+    for name in (n for n in modules if n and any(fnmatchcase(n, p) for p in layers)):
+        if _int8_class(modules[name]) is not None:
+            chosen.add(name)
+            continue
+        # A pattern naming a container (e.g. "time_embed") selects the supported layers inside it.
+        inside = {n for n, m in modules.items() if n.startswith(name + ".") and _int8_class(m) is not None}
+        if not inside:
+            bad.append(f"{name} ({type(modules[name]).__name__})")
+        chosen |= inside
+    if bad:
+        raise InputError(f"int8 supports Linear and Conv2d layers only, not {', '.join(bad[:5])}")
+    return [n for n in modules if n in chosen and not _matches(n, keep)]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+# ---------------------------------------------------------------------------- module swaps
+
+
+def quantize_model(model: nn.Module, keep: Iterable[str] | None = None, layers: Iterable[str] | None = None) -> nn.Module:
+    """Quantize a loaded model in place (on its own device) and return it.
+
+    For models loaded from ordinary float files (the pipeline's `quantize="int8"`). Each chosen
+    Linear/Conv2d (see `select_layers`) becomes an Int8Linear/Int8Conv2d; its float weight is
+    dropped, so memory falls as the layers are converted. Layers already int8 are left alone.
+    """
+    for name in select_layers(model, keep, layers):
+        layer = model.get_submodule(name)
+        if not isinstance(layer, INT8_TYPES):
+            _replace(model, name, _int8_class(layer).from_float(layer))
+    return model
+
+
+def install_int8(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Swap in Int8 layers wherever `state` (the model's own keys) holds an int8 weight.
+
+    Meant for a model built on `meta`, right before `load_state_dict(state, assign=True)`: the
+    int8 tensors are then used as they are (memory-mapped), with no float copy.
+    """
+    for key, t in state.items():
+        if t.dtype != torch.int8 or not key.endswith(".weight"):
+            continue
+        name = key[: -len(".weight")]
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            continue  # unknown key: strict loading / validation names it
+        cls = _int8_class(layer)
+        if cls is None:
+            raise CheckpointError(f"int8 weight {key} belongs to a {type(layer).__name__}; only Linear and Conv2d "
+                                  "layers can be int8")
+        scale = state.get(key + SCALE_SUFFIX)
+        if scale is not None and not scale.is_floating_point():
+            raise CheckpointError(f"{key + SCALE_SUFFIX}: scales must be floating point, found {scale.dtype}")
+        if not isinstance(layer, INT8_TYPES):
+            _replace(model, name, cls.like(layer))
+    return model
+
+
+# ---------------------------------------------------------------------------- state dicts
+
+
+class Deferred:
+    """A tensor made only when it is written: `save_safetensors` reads `shape`, `dtype`,
+    `numel()`, `is_floating_point()` for the header and calls `detach()` for the data, so an
+    int8 export quantizes one tensor at a time instead of holding the whole result."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, make: Callable[[], torch.Tensor]):
+        self.shape, self.dtype, self._make = torch.Size(shape), dtype, make
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def detach(self) -> torch.Tensor:
+        return self._make()
+
+
+def quantize_state_dict(state: dict[str, torch.Tensor], component: str, cfg, keep: Iterable[str] | None = None,
+                        layers: Iterable[str] | None = None, dtype: torch.dtype | None = None,
+                        lazy: bool = False) -> dict:
+    """A component's state dict (its own keys) in the int8 file layout.
+
+    The chosen layers' weights become int8 under their own keys plus `<key>_scale` (float32);
+    every other floating-point tensor is converted to `dtype` (None = unchanged). Weights that
+    are already int8 pass through with their scales. `cfg` is the ModelConfig (to know which
+    keys are Linear/Conv2d weights). `lazy=True` returns `Deferred` values for anything that
+    needs computing, for streaming with `save_safetensors`.
+    """
+    from .checkpoint import build_model
+
+    with torch.device("meta"):
+        model = build_model(component, cfg)
+    chosen = {n + ".weight" for n in select_layers(model, keep, layers, component)}
+    out: dict = {}
+    for key, t in state.items():
+        if t.dtype == torch.int8 or _is_scale(key, state):
+            out[key] = t  # already quantized (re-export of an int8 file)
+        elif key in chosen:
+            out[key] = _value(t.shape, torch.int8, lambda t=t: quantize_tensor(t)[0], lazy)
+            out[key + SCALE_SUFFIX] = _value(t.shape[:1], torch.float32, lambda t=t: quantize_tensor(t)[1], lazy)
+        elif t.is_floating_point() and dtype is not None and t.dtype != dtype:
+            out[key] = _value(t.shape, dtype, lambda t=t: t.to(dtype), lazy)
+        else:
+            out[key] = t
+    return out
+
+
+def _is_scale(key: str, tensors: dict) -> bool:
+    """`key` is the scale of an int8 weight present in `tensors`."""
+    weight = key[: -len(SCALE_SUFFIX)]
+    return key.endswith(".weight" + SCALE_SUFFIX) and weight in tensors and tensors[weight].dtype == torch.int8
+
+
+def _value(shape, dtype, make: Callable[[], torch.Tensor], lazy: bool):
+    return Deferred(shape, dtype, make) if lazy else make()
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def file_quantization(meta: dict, tensors: dict, path) -> str | None:
+    """"int8" for a quantized file, None for a float one; refuses formats this version cannot read."""
+    version = meta.get("sdlite.format_version")
+    if version is not None and version != str(FORMAT_VERSION):
+        newer = version.isdigit() and int(version) > FORMAT_VERSION
+        what = f"made by a newer sdlite (format {version})" if newer else f"unknown sdlite format version {version!r}"
+        raise CheckpointError(f"{path}: {what}; this version reads format {FORMAT_VERSION}. Upgrade sdlite, "
+                              "or convert the original checkpoint again with this version")
+    kind = meta.get("sdlite.quantization")
+    if kind is not None and kind != FORMAT:
+        raise CheckpointError(f"{path}: quantization {kind!r} is not supported by this sdlite (it reads {FORMAT!r})")
+    if kind is None and not any(_is_scale(k, tensors) for k in tensors):
+        return None  # a float file (an int8 file whose metadata was stripped is still recognised)
+    return "int8"
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the int8 layers of a model."""
+    return [n for n, m in model.named_modules() if isinstance(m, INT8_TYPES)]

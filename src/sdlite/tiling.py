@@ -1,0 +1,209 @@
+"""Tiled VAE: encode and decode images larger than memory allows, one overlapping tile at a time.
+
+Only the output tensor and one tile's activations are alive at once: the untiled SD decoder keeps
+several (B, 128..512, H, W) float maps of the full image, the tiled one keeps them for a tile.
+Tiles overlap and are blended with a smoothstep ramp across each overlap (the weights of two
+neighbours sum to one), so there is no hard seam. Tiling is not exact: GroupNorm statistics and
+the mid-block attention of the VAE are global and become per-tile; the decode error this causes
+is measured in tests/test_tiling.py.
+
+Units. Both directions count in *latent* pixels of the grid the tiles are cut on, except that
+`tiled_encode` takes image pixels (what its input is): decode tile=64 latent px = 512 image px
+for SD (downscale 8); encode tile=512 image px. The VAE's own `cfg.downscale` converts, so
+the tiny test VAE (downscale 2) works the same.
+
+Front doors `decode` / `encode` take `tiling="auto" | "on" | "off"`:
+- "off": one call of the VAE on the whole batch (exactly `vae.decode` / `vae.encode`).
+- "on": always tiled (one untiled call when the input fits in one tile).
+- "auto" (default): one image at a time (exact: the VAE has no cross-batch op); an image is
+  tiled when it has more than AUTO_MAX_LATENT_PIXELS latent pixels, and an untiled call that runs
+  out of memory is retried in tiles with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+
+from .errors import InputError
+
+TILINGS = ("auto", "on", "off")
+DECODE_TILE, DECODE_OVERLAP = 64, 16  # latent px: 512 px tiles overlapping by 128 px in SD (as diffusers)
+ENCODE_TILE, ENCODE_OVERLAP = 512, 128  # image px
+# "auto" tiles images with more latent pixels than 96 x 96 (768 x 768 px in SD): up to there an
+# untiled fp32 decode stays within a few GiB and is exact; 1024 x 1024 untiled needs ~2x that.
+AUTO_MAX_LATENT_PIXELS = 96 * 96
+
+_OOM_MESSAGES = ("out of memory", "DefaultCPUAllocator: can't allocate memory")
+
+
+# ---------------------------------------------------------------------------- front doors
+
+
+def decode(vae, z: torch.Tensor, tiling: str = "auto", tile: int = DECODE_TILE,
+           overlap: int = DECODE_OVERLAP) -> torch.Tensor:
+    """Unscaled latents (B, C, h, w) -> images (B, 3, h*f, w*f); `tiling` as in the module doc."""
+    _check(tiling, tile, overlap, 1, "decode", "latent pixels")
+    if tiling == "off":
+        return vae.decode(z)
+    if tiling == "on":
+        return tiled_decode(vae, z, tile, overlap)
+    return torch.cat([_auto(vae.decode, lambda x: tiled_decode(vae, x, tile, overlap), z[i : i + 1],
+                            z.shape[-2] * z.shape[-1], "decode")
+                      for i in range(z.shape[0])])
+
+
+def encode(vae, x: torch.Tensor, tiling: str = "auto", tile: int = ENCODE_TILE,
+           overlap: int = ENCODE_OVERLAP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar) of the posterior; `tiling` as in the module doc."""
+    f = vae.cfg.downscale
+    _check(tiling, tile, overlap, f, "encode", "image pixels")
+    if tiling == "off":
+        return vae.encode(x)
+    if tiling == "on":
+        return tiled_encode(vae, x, tile, overlap)
+    pairs = [_auto(vae.encode, lambda im: tiled_encode(vae, im, tile, overlap), x[i : i + 1],
+                   (x.shape[-2] // f) * (x.shape[-1] // f), "encode")
+             for i in range(x.shape[0])]
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+def _auto(untiled: Callable, tiled: Callable, x: torch.Tensor, latent_pixels: int, what: str):
+    """Tiled above the size threshold; untiled below it, falling back to tiles on out-of-memory."""
+    if latent_pixels > AUTO_MAX_LATENT_PIXELS:
+        return tiled(x)
+    try:
+        return untiled(x)
+    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is a RuntimeError too
+        if not is_out_of_memory(error):
+            raise
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+    # Outside the except block: the traceback (and the activations its frames hold) is gone now.
+    _release_cache(x.device)
+    warnings.warn(f"VAE {what} of a {tuple(x.shape[-2:])} input ran out of memory ({reason}); "
+                  "retrying in tiles (seams may differ slightly from an untiled result)", stacklevel=3)
+    return tiled(x)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA's OutOfMemoryError and the RuntimeErrors other allocators raise when full."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES)
+
+
+def _release_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
+
+
+def _check(tiling, tile, overlap, multiple: int, what: str, unit: str) -> None:
+    if tiling not in TILINGS:
+        raise InputError(f"unknown VAE tiling {tiling!r}; valid values: {', '.join(TILINGS)}")
+    for name, value in (("tile", tile), ("overlap", overlap)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value % multiple:
+            need = f"a non-negative multiple of {multiple}" if multiple > 1 else "a non-negative integer"
+            raise InputError(f"VAE {what} {name} must be {need} ({unit}), got {value!r}")
+    if tile == 0:
+        raise InputError(f"VAE {what} tile must be positive ({unit}), got 0")
+    if not overlap < tile:
+        raise InputError(f"VAE {what} overlap ({overlap}) must be smaller than the tile ({tile} {unit})")
+
+
+# ---------------------------------------------------------------------------- tiled runs
+
+
+@torch.no_grad()
+def tiled_decode(vae, z: torch.Tensor, tile: int = DECODE_TILE, overlap: int = DECODE_OVERLAP) -> torch.Tensor:
+    """Decode latents (B, C, h, w) in overlapping tiles of `tile` latent px (overlap `overlap`).
+
+    Inputs that fit in one tile get one untiled `vae.decode` call (the exact result).
+    """
+    _check("on", tile, overlap, 1, "decode", "latent pixels")
+    return _tiled(vae.decode, z, tile, overlap, 1, vae.cfg.downscale)[0]
+
+
+@torch.no_grad()
+def tiled_encode(vae, x: torch.Tensor, tile: int = ENCODE_TILE,
+                 overlap: int = ENCODE_OVERLAP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode images (B, 3, H, W) in overlapping tiles of `tile` image px -> (mean, logvar).
+
+    H, W, tile and overlap must be multiples of the VAE's downscale (8 for SD) so tiles land on
+    the latent grid. Inputs that fit in one tile get one untiled `vae.encode` call.
+    """
+    f = vae.cfg.downscale
+    _check("on", tile, overlap, f, "encode", "image pixels")
+    if x.shape[-2] % f or x.shape[-1] % f:
+        raise InputError(f"cannot encode a {x.shape[-2]}x{x.shape[-1]} image in tiles: "
+                         f"height and width must be multiples of {f}")
+    mean, logvar = _tiled(vae.encode, x, tile // f, overlap // f, f, 1)
+    return mean, logvar
+
+
+def _tiled(fn: Callable, x: torch.Tensor, tile: int, overlap: int, f_in: int, f_out: int) -> tuple:
+    """Run `fn` over overlapping tiles of x and blend its output(s).
+
+    Tiles are cut on a grid where one cell is f_in input pixels and f_out output pixels (a latent
+    pixel); `tile` and `overlap` count grid cells. Images of the batch run one at a time.
+    """
+    b, _, hgt, wid = x.shape
+    grid_h, grid_w = hgt // f_in, wid // f_in
+    if grid_h <= tile and grid_w <= tile:
+        out = fn(x)
+        return out if isinstance(out, tuple) else (out,)
+    rows, cols = _spans(grid_h, tile, overlap, f_out), _spans(grid_w, tile, overlap, f_out)
+    outs, dtype = None, None
+    for i in range(b):
+        for y0, y1, wy in rows:
+            for x0, x1, wx in cols:
+                piece = fn(x[i : i + 1, :, y0 * f_in : y1 * f_in, x0 * f_in : x1 * f_in])
+                piece = piece if isinstance(piece, tuple) else (piece,)
+                if outs is None:  # (B, C_out, h*f_out, w*f_out) float32 accumulators
+                    outs = [p.new_zeros(b, p.shape[1], grid_h * f_out, grid_w * f_out, dtype=torch.float32)
+                            for p in piece]
+                    dtype = piece[0].dtype
+                weight = (wy[:, None] * wx[None, :]).to(x.device)  # (tile_h*f_out, tile_w*f_out)
+                for acc, p in zip(outs, piece):
+                    acc[i, :, y0 * f_out : y1 * f_out, x0 * f_out : x1 * f_out] += p[0].float() * weight
+                del piece
+    return tuple(acc.to(dtype) for acc in outs)
+
+
+def _spans(size: int, tile: int, overlap: int, f_out: int) -> list[tuple[int, int, torch.Tensor]]:
+    """Tiles along one axis of `size` grid cells: (start, end, blend weight per output pixel).
+
+    Starts are spread evenly so every overlap is at least `overlap` cells and the last tile ends
+    at the border. Each weight ramps up (smoothstep) across the overlap with the previous tile
+    and down across the overlap with the next; the weights are then divided by their sum over
+    tiles, so they add up to exactly one at every output pixel.
+    """
+    if size <= tile:
+        return [(0, size, torch.ones(size * f_out))]
+    n = math.ceil((size - overlap) / (tile - overlap))
+    starts = [round(i * (size - tile) / (n - 1)) for i in range(n)]
+    spans = [(s, s + tile) for s in starts]
+    weights = []
+    for j, (s, e) in enumerate(spans):
+        w = torch.ones((e - s) * f_out)
+        if j > 0:  # ramp up over the overlap with the previous tile
+            up = (spans[j - 1][1] - s) * f_out
+            w[:up] = torch.minimum(w[:up], _smoothstep(up))
+        if j < n - 1:  # ramp down over the overlap with the next tile
+            down = (e - spans[j + 1][0]) * f_out
+            w[w.numel() - down :] = torch.minimum(w[w.numel() - down :], _smoothstep(down).flip(0))
+        weights.append(w)
+    total = torch.zeros(size * f_out)
+    for (s, e), w in zip(spans, weights):
+        total[s * f_out : e * f_out] += w
+    return [(s, e, w / total[s * f_out : e * f_out]) for (s, e), w in zip(spans, weights)]
+
+
+def _smoothstep(n: int) -> torch.Tensor:
+    """n weights rising from near 0 to near 1, sampled at pixel centres; w(t) + w(1-t) = 1."""
+    t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return (t * t * (3 - 2 * t)).float()
