@@ -78,3 +78,30 @@ def test_unknown_memory_mode_is_an_error(tiny):
 
     with pytest.raises(InputError, match="memory must be one of normal, low"):
         StableDiffusion(tiny.folder, memory="tiny")
+
+
+def test_run_options_give_the_same_image_or_a_bounded_change(tiny):
+    """chunked/plain attention and forced VAE tiling change nothing measurable; int8 stays close."""
+    from sdlite.attention import get_attention
+
+    base = StableDiffusion(tiny.folder).txt2img(PROMPT, width=32, height=32, steps=3, seed=9)
+    for kw in (dict(attention="chunked", attention_chunk=7), dict(attention="plain")):
+        res = StableDiffusion(tiny.folder, **kw).txt2img(PROMPT, width=32, height=32, steps=3, seed=9)
+        assert (res.latents - base.latents).abs().max() <= 1e-4 * max(1, base.latents.abs().max())
+    assert get_attention().mode == "sdpa"  # the setting is restored after each call
+    int8 = StableDiffusion(tiny.folder, quantize="int8", memory="low").txt2img(PROMPT, width=32, height=32,
+                                                                               steps=3, seed=9)
+    rel = ((int8.latents - base.latents).norm() / base.latents.norm()).item()
+    print(f"[diff] tiny int8 vs fp32 latents relative L2 {rel:.4f}")
+    assert 0 < rel < 0.05
+
+
+def test_bad_run_options_are_clear_errors(tiny):
+    from sdlite.errors import InputError
+
+    for kw, msg in ((dict(quantize="int4"), "quantize must be one of none, int8"),
+                    (dict(attention="flash"), "unknown attention mode"),
+                    (dict(attention="chunked", attention_chunk=0), "positive integer"),
+                    (dict(vae_tiling="maybe"), "vae_tiling must be one of auto, on, off")):
+        with pytest.raises(InputError, match=msg):
+            StableDiffusion(tiny.folder, **kw)

@@ -108,8 +108,9 @@ def test_quantize_model_swaps_layers_and_keeps_the_default_ones(files, tiny):
         out = model(x, t, c)
     names = quantized_layers(model)
     linear_conv = [n for n, m in build_model("unet", tiny.cfg).named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    assert set(names) == set(linear_conv) - set(DEFAULT_KEEP["unet"])
-    for name in DEFAULT_KEEP["unet"]:
+    kept = [n for n in linear_conv if n in DEFAULT_KEEP["unet"]]  # the tiny model has only some of SD's
+    assert len(kept) >= 6 and set(names) == set(linear_conv) - set(kept)
+    for name in kept:
         assert type(model.get_submodule(name)) in (nn.Linear, nn.Conv2d)
     err = rel_rms(out, ref)
     print(f"[int8] tiny UNet eps rel RMS error {err:.4f}")
@@ -125,14 +126,27 @@ def test_quantize_model_handles_compute_in_layers(files, tiny):
     with torch.no_grad():
         ref = model(ids)
         out = quantize_model(model)(ids)
-    assert len(quantized_layers(model)) == 6 * tiny.cfg.text.layers
+    assert len(quantized_layers(model)) == 6 * (tiny.cfg.text.layers - 1)  # layer 0 kept (DEFAULT_KEEP)
     assert out.dtype == torch.float32 and rel_rms(out, ref) < 0.05
+
+
+@pytest.mark.parametrize("component", ["unet", "text", "vae"])
+def test_default_keep_names_sd_v1_layers(component):
+    # Default patterns are not checked at run time (smaller models lack some): check them here.
+    with torch.device("meta"):
+        modules = dict(build_model(component, SD_V1).named_modules())
+    for pattern in DEFAULT_KEEP[component]:
+        assert pattern in modules, pattern
+        inside = [m for n, m in modules.items() if n == pattern or n.startswith(pattern + ".")]
+        assert any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in inside), pattern
 
 
 def test_explicit_layers_and_unsupported_layer_types(files):
     model = open_checkpoint(files["fp32"]).load("unet")
-    quantize_model(model, keep=(), layers=["time_embed"])  # a container: the Linears inside it
-    assert quantized_layers(model) == ["time_embed.0", "time_embed.2"]
+    quantize_model(model, layers=["time_embed"], keep=["time_embed.2"])  # a container: the Linears inside it
+    assert quantized_layers(model) == ["time_embed.0"]
+    quantize_model(model, layers=(n for n in ["out.2"]))  # named explicitly: DEFAULT_KEEP does not apply
+    assert quantized_layers(model) == ["time_embed.0", "out.2"]
     with pytest.raises(InputError, match=r"Linear and Conv2d layers only, not out\.0 \(GroupNorm\)"):
         quantize_model(model, layers=["out.0"])
     with pytest.raises(InputError, match=r"time_embed\.1 \(SiLU\)"):
@@ -188,8 +202,9 @@ def test_int8_file_layout(files, tiny):
             assert v.shape == fp32[k].shape
             assert v.dtype in (torch.int8, torch.float16), k
     int8 = {k for k, v in tensors.items() if v.dtype == torch.int8}
-    assert {UNET + "input_blocks.1.1.proj_in.weight", UNET + "time_embed.0.weight",
-            PREFIXES["text"] + "text_model.encoder.layers.0.mlp.fc1.weight"} <= int8
+    assert {UNET + "input_blocks.2.1.proj_in.weight", UNET + "time_embed.0.weight",
+            PREFIXES["text"] + "text_model.encoder.layers.1.mlp.fc1.weight"} <= int8
+    assert PREFIXES["text"] + "text_model.encoder.layers.0.mlp.fc1.weight" not in int8  # DEFAULT_KEEP["text"]
     assert UNET + "out.2.weight" not in int8 and UNET + "input_blocks.0.0.weight" not in int8
     assert not any(k.startswith(PREFIXES["vae"]) for k in int8)  # the VAE stays float by default
     unet_bytes = {name: sum(v.numel() * v.element_size() for k, v in t.items() if k.startswith(UNET))
@@ -202,9 +217,9 @@ def test_int8_file_loads_int8_memory_mapped(files, tiny):
     assert ckpt.quantization == "int8" and ckpt.dtype == torch.float16 and ckpt.config.name == "tiny"
     assert open_checkpoint(files["fp32"]).quantization is None
     unet = ckpt.load("unet", torch.float32)
-    layer = unet.get_submodule("input_blocks.1.1.proj_in")
+    layer = unet.get_submodule("input_blocks.2.1.proj_in")
     assert isinstance(layer, Int8Conv2d) and layer.weight.dtype == torch.int8
-    stored = ckpt.tensors[UNET + "input_blocks.1.1.proj_in.weight"]
+    stored = ckpt.tensors[UNET + "input_blocks.2.1.proj_in.weight"]
     assert layer.weight.data_ptr() == stored.data_ptr()  # the file's memory map itself, no copy
     assert layer.weight_scale.dtype == torch.float32 and layer.bias.dtype == torch.float32
     assert type(unet.out[2]) is nn.Conv2d and unet.out[2].weight.dtype == torch.float32
@@ -223,7 +238,7 @@ def test_int8_file_in_the_pipeline(files):
 
     images = {}
     for name in ("fp32", "int8"):
-        sd = StableDiffusion(files[name], memory="low")
+        sd = StableDiffusion(files[name])
         res = sd.txt2img("a watercolor fox", width=64, height=64, steps=10, seed=0)
         images[name] = np.asarray(res.images[0]).astype(np.float64)
     mse = np.mean((images["int8"] - images["fp32"]) ** 2)
@@ -290,7 +305,7 @@ def test_newer_format_version_is_refused(files, tmp_path):
 
 
 def test_scales_only_with_int8_weights(files, tmp_path):
-    key = UNET + "input_blocks.1.1.proj_in.weight"
+    key = UNET + "input_blocks.2.1.proj_in.weight"
 
     def drop_scale(t):
         del t[key + SCALE_SUFFIX]
@@ -325,7 +340,7 @@ def test_int8_file_without_metadata_is_still_recognised(files, tmp_path):
     path = tmp_path / "stripped.safetensors"
     save_safetensors(dict(tensors), path)  # e.g. re-saved by a tool that drops metadata
     ckpt = open_checkpoint(path)
-    assert ckpt.quantization == "int8" and isinstance(ckpt.load("unet").input_blocks[1][1].proj_in, Int8Conv2d)
+    assert ckpt.quantization == "int8" and isinstance(ckpt.load("unet").input_blocks[2][1].proj_in, Int8Conv2d)
 
 
 # ------------------------------------------------------------------ full architecture quality
@@ -377,16 +392,18 @@ def full_unet_errors() -> dict[str, float]:
 
 @pytest.mark.full
 def test_full_unet_int8_error(full_unet_errors):
-    # Measured 0.040 here (16x16) and 0.04x on an H200 at 64x64 (benchmarks/int8_quality.py).
-    # The issue's 1% is not reachable with per-channel int8 on these random weights: each layer's
-    # weight error is 0.8% RMS (Gaussian rows: max|w| ~ 3.6 sigma, step = 2 max / 254), and the
-    # errors of ~280 layers add up (the per-layer errors' root-sum-square matches the total);
-    # no single layer dominates, so keeping a few in fp16 barely helps. Bound: measured + margin.
-    assert full_unet_errors["int8"] <= 0.05
+    # Measured 0.0296 here (16x16 latents, DEFAULT_KEEP in float, other weights fp16 as in the
+    # file; 0.041 with every layer int8). The issue's 1% is out of reach for per-channel int8 on
+    # these random weights: each layer's weight error is about 0.8% RMS (Gaussian rows: max|w| is
+    # about 3.6 sigma, the step 2 max / 254), the ~280 layers' errors add in quadrature (on an
+    # H200 at 64x64 the per-layer errors' root-sum-square, 3.6%, equals the all-int8 error 3.5%)
+    # and no layer dominates (the worst alone: 0.8%). Bound: the measurement plus a margin.
+    assert full_unet_errors["int8"] <= 0.035
 
 
 @pytest.mark.full
 def test_full_unet_fp16_error(full_unet_errors):
+    # Measured 1.5e-3 here (fp16 weights, fp32 compute); 1.1e-3 on an H200 at 64x64.
     assert full_unet_errors["fp16"] <= 2e-3
 
 
@@ -400,4 +417,4 @@ def test_full_text_encoder_int8_error():
         ref = text(ids)
         err = rel_rms(quantize_model(text)(ids), ref)
     print(f"[int8] full text encoder context rel RMS error vs fp32: {err:.4f}")
-    assert err <= 0.03
+    assert err <= 0.022  # measured 0.0183 (0.0235 with layer 0 in int8 too)

@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdlite import tiling
+from sdlite.attention import attention_mode
 from sdlite.checkpoint import build_model, open_checkpoint
 from sdlite.config import SD_V1
 from sdlite.errors import InputError
@@ -87,12 +88,14 @@ def test_weights_are_a_partition_of_unity():
 # ---------------------------------------------------------------------------- seam error
 
 
-# Bounds on the tiny VAE (random weights; output std ~0.5, |max| ~3): the per-tile GroupNorm
-# statistics and per-tile mid-block attention move a decoded pixel by at most ~0.1 here.
-TINY_DECODE_MAX_ABS, TINY_DECODE_MIN_PSNR = 9.0, 0.0
+# Bounds on the tiny VAE (random weights; decoded std ~0.6, |max| ~3). Measured: max abs diff
+# 0.38-0.43, PSNR 28.2-32.5 dB -- spread over the whole image, not at the seams: GroupNorm
+# statistics and the mid-block attention become per-tile. Broken assembly (weights not summing
+# to one, a tile misplaced) measured max abs >= 1.6 and PSNR <= 22.3 dB on the same inputs.
+TINY_DECODE_MAX_ABS, TINY_DECODE_MIN_PSNR = 0.75, 25.0
 
 
-@pytest.mark.parametrize("shape, tile, overlap", [((2, 4, 40, 40), 16, 8), ((1, 4, 37, 23), 16, 8),
+@pytest.mark.parametrize("shape, tile, overlap", [((2, 4, 40, 40), 24, 12), ((1, 4, 37, 23), 16, 8),
                                                   ((1, 4, 33, 70), 24, 6)])
 def test_tiled_decode_error_is_bounded(vae, shape, tile, overlap):
     z = latents(shape, seed=1)
@@ -123,13 +126,14 @@ def test_tiled_encode_error_is_bounded(vae):
     x = image((2, 3, 90, 64), seed=3)
     with torch.no_grad():
         mean, logvar = vae.encode(x)
-    got_mean, got_logvar = tiled_encode(vae, x, tile=32, overlap=12)
+    got_mean, got_logvar = tiled_encode(vae, x, tile=48, overlap=16)  # 24 / 8 latent px
     assert got_mean.shape == mean.shape == (2, 4, 45, 32) and got_logvar.shape == logvar.shape
     for name, got, ref in (("mean", got_mean, mean), ("logvar", got_logvar, logvar)):
         max_abs, _ = seam_error(got, ref)
         rel = max_abs / ref.abs().max().item()
         print(f"[tiling] tiny encode {name}: max abs {max_abs:.3g} (max|ref| {ref.abs().max().item():.3g})")
-        assert rel <= 0.1, f"encode {name}: max abs diff {max_abs:.3g} is {rel:.1%} of max|ref|"
+        # measured: 9.8% (mean), 7.1% (logvar); broken assembly: >= 52%
+        assert rel <= 0.2, f"encode {name}: max abs diff {max_abs:.3g} is {rel:.1%} of max|ref|"
 
 
 # ---------------------------------------------------------------------------- memory
@@ -152,19 +156,21 @@ class _LargestOutput(TorchDispatchMode):
 
 def test_tiled_decode_holds_only_the_output_and_one_tile(vae):
     """No op of a tiled decode returns anything larger than the output image or the largest
-    activation of decoding one tile alone -- while the untiled decode's activations are 8x larger."""
+    activation of decoding one tile alone -- while the untiled decode's activations are 8x larger.
+    (Chunked attention, so that the VAE's attention scores do not hide the conv activations.)"""
     z = latents((1, 4, 64, 64), seed=4)
-    with torch.no_grad(), _LargestOutput() as one_tile:
-        vae.decode(z[..., :16, :16])
-    with torch.no_grad(), _LargestOutput() as untiled:
-        vae.decode(z)
-    with _LargestOutput() as tiled:
-        out = tiled_decode(vae, z, tile=16, overlap=4)
+    with torch.no_grad(), attention_mode("chunked", 256):
+        with _LargestOutput() as one_tile:
+            vae.decode(z[..., :16, :16])
+        with _LargestOutput() as untiled:
+            vae.decode(z)
+        with _LargestOutput() as tiled:
+            out = tiled_decode(vae, z, tile=16, overlap=4)
     bound = max(out.numel(), one_tile.largest)
     print(f"[mem] largest tensor: tiled {tiled.largest}, one tile {one_tile.largest}, output {out.numel()}, "
           f"untiled {untiled.largest}")
     assert tiled.largest <= bound, f"tiled decode made a tensor of {tiled.largest} elements (> {bound})"
-    assert untiled.largest >= 8 * bound, "control: the untiled decode's activations are much larger"
+    assert untiled.largest >= 4 * bound, "control: the untiled decode's activations are much larger"
 
 
 # ---------------------------------------------------------------------------- the auto policy
@@ -209,25 +215,25 @@ OOM_ERRORS = [
 
 @pytest.mark.parametrize("error", OOM_ERRORS, ids=["cuda", "cpu", "mps"])
 def test_auto_retries_in_tiles_after_out_of_memory(vae, monkeypatch, error):
-    z = latents((1, 4, 80, 72), seed=6)  # below the auto threshold: tried untiled first
-    expect = tiled_decode(vae, z)
-    calls = Calls(vae.decode, fail_above=64 * 64, error=error)
+    z = latents((1, 4, 24, 20), seed=6)  # below the auto threshold: tried untiled first
+    expect = tiled_decode(vae, z, tile=16, overlap=4)
+    calls = Calls(vae.decode, fail_above=16 * 16, error=error)
     monkeypatch.setattr(vae, "decode", calls)
     with pytest.warns(UserWarning, match="ran out of memory.*retrying in tiles"):
-        out = decode(vae, z)
-    assert calls.shapes[0] == (1, 4, 80, 72) and len(calls.shapes) == 1 + 4
-    assert all(s[-2:] == (64, 64) for s in calls.shapes[1:]), calls.shapes
+        out = decode(vae, z, tile=16, overlap=4)
+    assert calls.shapes[0] == (1, 4, 24, 20) and len(calls.shapes) == 1 + 4
+    assert all(s[-2:] == (16, 16) for s in calls.shapes[1:]), calls.shapes
     assert torch.equal(out, expect)
 
 
 def test_auto_encode_retries_in_tiles_after_out_of_memory(vae, monkeypatch):
-    x = image((1, 3, 160, 144), seed=7)  # 80 x 72 latents with the tiny VAE
-    expect = tiled_encode(vae, x, tile=128, overlap=32)
-    calls = Calls(vae.encode, fail_above=128 * 128, error=OOM_ERRORS[0])
+    x = image((1, 3, 48, 40), seed=7)  # 24 x 20 latents with the tiny VAE
+    expect = tiled_encode(vae, x, tile=32, overlap=8)
+    calls = Calls(vae.encode, fail_above=32 * 32, error=OOM_ERRORS[0])
     monkeypatch.setattr(vae, "encode", calls)
     with pytest.warns(UserWarning, match="encode .* ran out of memory"):
-        mean, logvar = encode(vae, x, tile=128, overlap=32)
-    assert len(calls.shapes) == 5
+        mean, logvar = encode(vae, x, tile=32, overlap=8)
+    assert len(calls.shapes) == 5 and all(s[-2:] == (32, 32) for s in calls.shapes[1:]), calls.shapes
     assert torch.equal(mean, expect[0]) and torch.equal(logvar, expect[1])
 
 

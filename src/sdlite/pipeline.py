@@ -10,6 +10,7 @@ device, so a seed gives the same image as CompVis and diffusers (CPU generator) 
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import random
@@ -21,14 +22,24 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from . import attention as attn
 from . import images as imgs
-from . import samplers, schedule
+from . import samplers, schedule, tiling
 from .checkpoint import Checkpoint, open_checkpoint
 from .precision import compute_in
 from .errors import InputError, SdliteError
 from .tokenizer import get_tokenizer
 
 Callback = Callable[[int, int, torch.Tensor], None]
+
+
+def _uses_attention_setting(method):
+    """Run a generation method under this object's attention mode (a process-wide setting)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with attn.attention_mode(self.attention.mode, self.attention.chunk):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 @dataclass
@@ -63,6 +74,7 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 
 
 MEMORY_MODES = ("normal", "low")
+QUANTIZE_MODES = ("none", "int8")
 COMPONENT_ATTRS = {"text": "text_encoder", "unet": "unet", "vae": "vae"}
 
 
@@ -83,9 +95,17 @@ class StableDiffusion:
 
     def __init__(self, model: str | Path | Checkpoint, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, ema: bool = False, memory: str = "normal",
-                 cuda_graphs: bool | None = None, fast: bool = False):
+                 quantize: str = "none", attention: str = "sdpa", attention_chunk: int | None = None,
+                 vae_tiling: str = "auto", cuda_graphs: bool | None = None, fast: bool = False):
         if memory not in MEMORY_MODES:
             raise InputError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
+        if quantize not in QUANTIZE_MODES:
+            raise InputError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
+        if vae_tiling not in tiling.TILINGS:
+            raise InputError(f"vae_tiling must be one of {', '.join(tiling.TILINGS)}, got {vae_tiling!r}")
+        with attn.attention_mode(attention, attention_chunk) as setting:  # validates the options
+            self.attention = setting
+        self.quantize, self.vae_tiling = quantize, vae_tiling
         self.checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model, ema=ema)
         self.device = torch.device(device)
         self.dtype = dtype or _default_dtype(self.device)
@@ -113,6 +133,10 @@ class StableDiffusion:
             and self.dtype == torch.float32
         model = self.checkpoint.load(component, None if keep_stored else self.dtype, self.device)
         model = compute_in(model, self.dtype) if keep_stored else model
+        if self.quantize == "int8" and component in ("unet", "text") and self.checkpoint.quantization is None:
+            from .quantize import quantize_model
+
+            model = quantize_model(model)  # a quantized file is used as it is
         if component == "unet":
             model = self._speed_up(model)
         return model
@@ -176,7 +200,8 @@ class StableDiffusion:
         out = []
         with torch.inference_mode():
             for i, g in enumerate(job.generators):
-                mean, logvar = self.resident("vae").encode(image[i : i + 1].to(self.device, self.dtype))
+                mean, logvar = tiling.encode(self.resident("vae"), image[i : i + 1].to(self.device, self.dtype),
+                                             self.vae_tiling)
                 eps = torch.randn(mean.shape, generator=g, dtype=torch.float32).to(self.device, mean.dtype)
                 out.append(mean + torch.exp(0.5 * logvar) * eps)
         self.done_with("vae")
@@ -213,10 +238,10 @@ class StableDiffusion:
             raise SdliteError("the sampler produced NaN/inf latents (try float32, fewer steps or another sampler)")
         vae = self.resident("vae")
         with torch.inference_mode():
-            image = vae.decode(z.to(self.device, self.dtype)).float()
+            image = tiling.decode(vae, z.to(self.device, self.dtype), self.vae_tiling).float()
             if not torch.isfinite(image).all() and self.dtype != torch.float32:
                 warnings.warn("VAE decode gave NaN/inf in reduced precision; retrying in float32", stacklevel=2)
-                image = compute_in(vae, torch.float32).decode(z.float().to(self.device)).float()
+                image = tiling.decode(compute_in(vae, torch.float32), z.float().to(self.device), self.vae_tiling).float()
         self.done_with("vae")
         if not torch.isfinite(image).all():
             raise SdliteError("the VAE decoder produced NaN/inf (broken VAE weights?)")
@@ -273,6 +298,7 @@ class StableDiffusion:
 
     # ------------------------------------------------------------------ public API
 
+    @_uses_attention_setting
     def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] | None = "", *, width: int = 512,
                 height: int = 512, steps: int = 50, guidance_scale: float = 7.5, sampler: str = "plms",
                 karras: bool = False, seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
@@ -288,6 +314,7 @@ class StableDiffusion:
         x = self.noise(job).to(self.device) * samplers.initial_noise_scale(sampler, sigmas)
         return self._finish(self.denoise(x, sigmas, job, cond, uncond, callback=callback), job, "txt2img", {})
 
+    @_uses_attention_setting
     def img2img(self, prompt: str | list[str], init_image, negative_prompt: str | list[str] | None = "", *,
                 strength: float = 0.75, width: int | None = None, height: int | None = None, steps: int = 50,
                 guidance_scale: float = 7.5, sampler: str = "ddim", karras: bool = False, seed: int | None = None,
@@ -309,6 +336,7 @@ class StableDiffusion:
         latents = self.denoise(x, sigmas, job, cond, uncond, callback=callback)
         return self._finish(latents, job, "img2img", {"strength": strength})
 
+    @_uses_attention_setting
     def inpaint(self, prompt: str | list[str], init_image, mask_image=None, negative_prompt: str | list[str] | None = "",
                 *, green_mask: bool = False, strength: float = 1.0, width: int | None = None,
                 height: int | None = None, steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim",
