@@ -559,3 +559,23 @@ def test_ctrl_c_exits_130_without_a_partial_file(tiny_file, tmp_path):
     last = bytes(seen).decode().replace("\r", "\n").strip().splitlines()[-1]
     assert rc == 130 and last == "sdlite: error: interrupted"
     assert list(out_dir.iterdir()) == []
+
+
+def test_convert_int8_info_and_generate_with_memory_options(capsys, tiny_file, tmp_path):
+    """`convert --int8` writes a file that `info` recognises and txt2img uses as it is; the memory
+    options are accepted on the command line."""
+    out = tmp_path / "tiny-int8.safetensors"
+    rc, _, _ = run(capsys, "convert", str(tiny_file), str(out), "--int8")
+    assert rc == 0
+    rc, text, _ = run(capsys, "info", str(out))
+    assert rc == 0 and "int8" in text
+    rc, _, err = run(capsys, "txt2img", "a cat", "--model", str(out), "-W", "32", "-H", "32", "--steps", "2",
+                     "--seed", "3", "--memory", "low", "--attention", "chunked", "--attention-chunk", "64",
+                     "--vae-tiling", "on", "-o", str(tmp_path / "o"))
+    assert rc == 0, err
+    assert len(pngs(tmp_path / "o")) == 1
+    rc, _, err = run(capsys, "txt2img", "a cat", "--model", str(tiny_file), "-W", "32", "-H", "32", "--steps", "2",
+                     "--quantize", "int8", "-o", str(tmp_path / "o2"))
+    assert rc == 0, err
+    rc, _, err = run(capsys, "txt2img", "a cat", "--model", str(tiny_file), "--attention", "flash")
+    assert rc == 2 and "flash" in err
