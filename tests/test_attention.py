@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdlite import attention as attn
 from sdlite.attention import (
-    MODES, attention, attention_mode, chunked_attention, get_attention, plain_attention, set_attention,
+    MODES, attention, attention_mode, check_attention, chunked_attention, get_attention, plain_attention,
+    set_attention,
 )
 from sdlite.checkpoint import open_checkpoint
 from sdlite.errors import InputError
@@ -145,7 +146,15 @@ def test_bad_setting_is_input_error(mode, chunk):
     with pytest.raises(InputError):
         with attention_mode(mode, chunk):
             pass
+    with pytest.raises(InputError):
+        check_attention(mode, chunk)
     assert get_attention() == before
+
+
+def test_check_attention_validates_without_installing():
+    assert check_attention("chunked", 64) == attn.AttentionSetting("chunked", 64)
+    assert check_attention("plain").chunk == attn.DEFAULT_CHUNK
+    assert get_attention().mode == "sdpa"
 
 
 def test_attention_dispatches_on_the_current_mode(monkeypatch):

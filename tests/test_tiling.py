@@ -268,6 +268,13 @@ def test_bad_decode_options(vae, kwargs):
         assert "auto, on, off" in str(err.value)
 
 
+def test_check_tiling():
+    assert [tiling.check_tiling(t) for t in ("auto", "on", "off")] == ["auto", "on", "off"]
+    for bad in ("Auto", "", None, 1):
+        with pytest.raises(InputError, match="valid values: auto, on, off"):
+            tiling.check_tiling(bad)
+
+
 @pytest.mark.parametrize("kwargs", [dict(tile=33), dict(overlap=7), dict(tiling="tiled"), dict(tile=64, overlap=64)])
 def test_bad_encode_options(vae, kwargs):
     with pytest.raises(InputError):

@@ -45,7 +45,11 @@ class AttentionSetting:
 _setting = AttentionSetting()
 
 
-def _checked(mode: str, chunk: int | None) -> AttentionSetting:
+def check_attention(mode: str, chunk: int | None = None) -> AttentionSetting:
+    """The validated setting for `mode` / `chunk` (None = DEFAULT_CHUNK), without installing it.
+
+    Raises InputError naming the valid modes; for run options checked before any work starts.
+    """
     if mode not in MODES:
         raise InputError(f"unknown attention mode {mode!r}; valid modes: {', '.join(MODES)}")
     chunk = DEFAULT_CHUNK if chunk is None else chunk
@@ -66,7 +70,7 @@ def set_attention(mode: str = "sdpa", chunk: int | None = None) -> AttentionSett
     holds; it is validated in every mode but only used by ``chunked``.
     """
     global _setting
-    previous, _setting = _setting, _checked(mode, chunk)
+    previous, _setting = _setting, check_attention(mode, chunk)
     return previous
 
 
@@ -111,7 +115,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     Products run in the input dtype; the softmax statistics (running max, running sum) and the
     output accumulator are float32, so fp16/bf16 inputs lose nothing to the streaming.
     """
-    _checked("chunked", chunk)
+    check_attention("chunked", chunk)
     q = q * q.shape[-1] ** -0.5  # (B, h, Tq, d): scale once, not per block
     tq, tk = q.shape[-2], k.shape[-2]
     out = q.new_empty(q.shape[:-1] + v.shape[-1:])  # (B, h, Tq, dv)
