@@ -50,7 +50,8 @@ def test_low_memory_keeps_one_model_resident_and_changes_nothing(tiny, mode):
         "inpaint": lambda sd: sd.inpaint(PROMPT, _image(), _image(1).convert("L"), steps=3, seed=5),
     }[mode]
     a, b = run(low), run(normal)
-    assert torch.equal(a.latents, b.latents)
+    # low mode runs the CFG halves as two calls: equal up to the last bits of batched matmuls
+    assert (a.latents - b.latents).abs().max() <= 1e-5 * max(1, b.latents.abs().max())
     assert seen, "no model ran"
     assert all(resident == (component,) for component, resident in seen), seen
     assert [c for c, _ in seen][0] == "text" and [c for c, _ in seen][-1] == "vae"

@@ -86,14 +86,14 @@ class Checkpoint:
         """
         with torch.device("meta"):
             model = build_model(component, self.config)
-        state = self.state_dict(component)
+        state, scales = self.state_dict(component), set()
         if self.quantization:
             from .quantize import SCALE_SUFFIX, install_int8
 
             install_int8(model, state)
-        state = {k: v.to(device=device, dtype=dtype or v.dtype)
-                 if v.is_floating_point() and not (self.quantization and k.endswith(SCALE_SUFFIX)) else v.to(device)
-                 for k, v in state.items()}
+            scales = {k for k in state if k.endswith(SCALE_SUFFIX)}  # stay float32
+        state = {k: v.to(device=device, dtype=dtype or v.dtype) if v.is_floating_point() and k not in scales
+                 else v.to(device) for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval().requires_grad_(False)
 

@@ -90,7 +90,8 @@ class StableDiffusion:
       (no full-precision copy of the model).
     - `memory`: "normal" keeps the three models loaded for repeated generation; "low" keeps at
       most one resident: text encoder, then UNet, then VAE, each loaded from the (memory-mapped)
-      checkpoint when needed and freed after use.
+      checkpoint when needed and freed after use; it also runs the two halves of classifier-free
+      guidance as two calls (half the UNet activations).
     """
 
     def __init__(self, model: str | Path | Checkpoint, *, device: str | torch.device = "cpu",
@@ -213,7 +214,8 @@ class StableDiffusion:
                 callback: Callback | None = None) -> torch.Tensor:
         """Run the sampler from VE latents at sigmas[0]; returns VP latents (float32)."""
         interpolation = samplers.timestep_interpolation(job.sampler, job.karras)
-        denoiser = samplers.Denoiser(self._eps, self.alphas_cumprod, interpolation=interpolation)
+        denoiser = samplers.Denoiser(self._eps, self.alphas_cumprod, interpolation=interpolation,
+                                     cfg_batch=self.memory != "low")
         model = denoiser.bind(cond, uncond, job.guidance_scale, extra_channels)
         options = {"eta": job.eta} if job.sampler in ("ddim", "euler_a") and job.eta is not None else {}
         self.resident("unet")

@@ -45,13 +45,14 @@ class Denoiser:
     """
 
     def __init__(self, eps_fn, alphas_cumprod: torch.Tensor | None = None, *,
-                 interpolation: str = "log"):
+                 interpolation: str = "log", cfg_batch: bool = True):
         if interpolation not in schedule.INTERPOLATIONS:
             raise InputError(f"unknown timestep interpolation {interpolation!r}; "
                              f"use one of {', '.join(schedule.INTERPOLATIONS)}")
         self.eps_fn = eps_fn
         self.sigmas = schedule.discrete_sigmas(alphas_cumprod)  # (T,) ascending in t, CPU float32
         self.interpolation = interpolation
+        self.cfg_batch = cfg_batch  # False: the uncond and cond halves run as two calls
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """UNet timestep for each sigma: exact integers for table sigmas, else interpolated."""
@@ -66,10 +67,16 @@ class Denoiser:
         if uncond is None or guidance_scale == 1:
             eps = self._eps(x_in, t, cond, extra_channels)
         else:
-            # One 2B batch, [uncond, cond] in that order like CompVis and diffusers.
-            extra = None if extra_channels is None else torch.cat([extra_channels] * 2)
-            eps_u, eps_c = self._eps(torch.cat([x_in] * 2), torch.cat([t] * 2),
-                                     torch.cat([uncond, cond]), extra).chunk(2)
+            if self.cfg_batch:
+                # One 2B batch, [uncond, cond] in that order like CompVis and diffusers.
+                extra = None if extra_channels is None else torch.cat([extra_channels] * 2)
+                eps_u, eps_c = self._eps(torch.cat([x_in] * 2), torch.cat([t] * 2),
+                                         torch.cat([uncond, cond]), extra).chunk(2)
+            else:
+                # Two B-sized calls: half the activation memory (memory="low"), the same
+                # arithmetic per image up to the last bits of batched matrix products.
+                eps_u = self._eps(x_in, t, uncond, extra_channels)
+                eps_c = self._eps(x_in, t, cond, extra_channels)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
         return x - s * eps
 
