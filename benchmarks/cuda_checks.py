@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
                                                     safety_checker=None, torch_dtype=torch.float16).to("cuda")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
     lat = {}
     ref = pipe(prompt, height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=7.5,
                generator=torch.Generator().manual_seed(3), output_type="pil",

@@ -133,7 +133,7 @@ def run_diffusers(opts: dict, device: str, steps: int, meter: StageMeter, workdi
     pipe = StableDiffusionPipeline.from_single_file(
         str(_files(workdir)[opts["file"]]), config=str(workdir / "diffusers-sd15-config"), local_files_only=True,
         safety_checker=None, torch_dtype=dtype)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
     pipe.set_progress_bar_config(disable=True)
     if opts.get("slicing"):
         pipe.enable_attention_slicing()

@@ -83,7 +83,7 @@ class DiffusersRunner:
 
         pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
                                                         safety_checker=None, torch_dtype=dtype)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
         if compile:
