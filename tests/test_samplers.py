@@ -138,7 +138,15 @@ def test_alphas_cumprod_is_compvis_and_close_to_diffusers():
     assert 0 < diff < 5e-7
 
 
-@pytest.mark.parametrize("steps", [1, 3, 6, 7, 10, 50, 1000])
+def test_leading_timesteps_refuse_step_counts_past_the_table():
+    # 1000 steps with offset 1 would need t = 1000 (diffusers lists it too, then indexes past
+    # its 1000-entry alphas table in step()); sdlite refuses up front.
+    assert schedule.leading_timesteps(999)[0].item() == 999
+    with pytest.raises(InputError, match="at most 999"):
+        schedule.leading_timesteps(1000)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 6, 7, 10, 50, 999])
 def test_leading_timesteps_match_diffusers_and_compvis(steps):
     ours = schedule.leading_timesteps(steps)
     sched = reference_scheduler("ddim")
