@@ -75,7 +75,8 @@ def transformers_clip(cfg: CLIPTextConfig, seed: int = 0):
     return randomize_(model, seed).eval()
 
 
-def diffusers_vae(cfg: VAEConfig, seed: int = 0):
+def diffusers_vae(cfg: VAEConfig, seed: int = 0, meta: bool = False):
+    """diffusers' AutoencoderKL for `cfg`, randomised from `seed` (or left on meta: configs only)."""
     from diffusers import AutoencoderKL
 
     levels = len(cfg.ch_mult)
@@ -92,7 +93,7 @@ def diffusers_vae(cfg: VAEConfig, seed: int = 0):
             sample_size=64,
             scaling_factor=cfg.scale_factor,
         )
-    return randomize_(model, seed).eval()
+    return model if meta else randomize_(model, seed).eval()
 
 
 def _byte_chars() -> list[str]:

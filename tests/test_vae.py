@@ -2,61 +2,17 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+from refmodels import diffusers_vae
 from sdlite import keymap
 from sdlite.config import SD_V1, TINY, VAEConfig
 from sdlite.vae import AutoencoderKL
 
-diffusers = pytest.importorskip("diffusers")
-
-
-@torch.no_grad()
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Overwrite every parameter with seeded random values (no zeros, no ones left anywhere).
-
-    Weights get std 1/sqrt(fan_in); 1-D `weight`s (norm scales) scatter around 1; biases are
-    small and nonzero. A mis-mapped or unloaded key then changes the output by O(1).
-    """
-    gen = torch.Generator("cpu").manual_seed(seed)
-    for name, p in module.named_parameters():
-        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-        if p.ndim >= 2:
-            value = noise / math.sqrt(p[0].numel())
-        elif name.endswith("weight"):
-            value = 1.0 + 0.2 * noise
-        else:
-            value = 0.1 * noise
-        p.copy_(value)
-    return module
-
 
 def diffusers_vae_meta(cfg: VAEConfig) -> torch.nn.Module:
-    """A diffusers AutoencoderKL with the architecture of `cfg`, on the meta device."""
-    levels = len(cfg.ch_mult)
-    with torch.device("meta"):
-        return diffusers.AutoencoderKL(
-            in_channels=cfg.in_channels,
-            out_channels=cfg.out_channels,
-            block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            layers_per_block=cfg.num_res_blocks,
-            latent_channels=cfg.z_channels,
-            norm_num_groups=cfg.norm_groups,
-            sample_size=64,
-            scaling_factor=cfg.scale_factor,
-        )
-
-
-def diffusers_vae(cfg: VAEConfig, seed: int = 0) -> torch.nn.Module:
-    """A diffusers AutoencoderKL with the architecture of `cfg` and seeded random weights."""
-    ref = diffusers_vae_meta(cfg).to_empty(device="cpu")  # skips diffusers' own (discarded) init
-    assert list(ref.buffers()) == [], "randomize_ only fills parameters"
-    return randomize_(ref, seed).eval()
+    return diffusers_vae(cfg, meta=True)
 
 
 def sdlite_vae(ref: torch.nn.Module, cfg: VAEConfig) -> AutoencoderKL:
