@@ -116,6 +116,9 @@ class StableDiffusion:
         if self.cuda_graphs and self.device.type != "cuda":
             raise InputError("cuda_graphs=True needs device='cuda'")
         self.fast = fast
+        if fast and self.device.type != "cuda":
+            warnings.warn("fast mode only has a CUDA path so far (torch.compile + CUDA graphs); "
+                          "running exact mode", stacklevel=2)
         self.config = self.checkpoint.config
         self.text_encoder = self.unet = self.vae = None
         self.tokenizer = get_tokenizer()
