@@ -338,3 +338,16 @@ def test_export_refuses_bad_destination(tiny_single, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         export_checkpoint(tiny_single, tmp_path / "no" / "out.safetensors")
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_malformed_safetensors_entries_are_one_line_errors(tmp_path):
+    import json as _json
+    import struct as _struct
+
+    for entry in ("text", {"dtype": "F32", "shape": [1]}, {"dtype": "F32", "shape": [1], "data_offsets": ["0", 4]},
+                  {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}, {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}):
+        blob = _json.dumps({"w": entry}).encode()
+        path = tmp_path / "bad.safetensors"
+        path.write_bytes(_struct.pack("<Q", len(blob)) + blob + b"\0" * 8)
+        with pytest.raises(CheckpointError, match="corrupt safetensors entry"):
+            open_checkpoint(path)

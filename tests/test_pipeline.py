@@ -298,3 +298,11 @@ def test_half_precision_vae_nan_is_retried_in_float32(tiny):
 def test_too_many_ddim_steps_is_a_clear_error(tiny_sd):
     with pytest.raises(InputError, match="at most 999"):
         tiny_sd.txt2img(PROMPT, width=32, height=32, steps=1000, sampler="ddim")
+
+
+def test_bad_seed_batch_and_clip_skip_are_clear_errors(tiny_sd):
+    for kw, msg in ((dict(seed=2**64), "seed"), (dict(seed=True), "seed"), (dict(seed=2**64 - 1, batch_size=2), "seed"),
+                    (dict(batch_size=0), "batch size"), (dict(batch_size=2.0), "batch size"),
+                    (dict(clip_skip=1.5), "clip_skip"), (dict(clip_skip=0), "clip_skip"), (dict(clip_skip=4), "clip_skip")):
+        with pytest.raises(InputError, match=msg):
+            tiny_sd.txt2img(PROMPT, width=32, height=32, steps=1, **kw)

@@ -16,12 +16,14 @@ files stay plain and just call `attention`):
     with attention_mode("plain"):             # for a block; the previous setting comes back
         ...
 
-The setting is a process-level global and is not thread-safe: set it, then run.
+The setting lives in a context variable: each thread (and asyncio task) has its own, so two
+pipelines with different modes can run in two threads without racing.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -42,7 +44,7 @@ class AttentionSetting:
     chunk: int = DEFAULT_CHUNK
 
 
-_setting = AttentionSetting()
+_setting: ContextVar[AttentionSetting] = ContextVar("sdlite_attention", default=AttentionSetting())
 
 
 def check_attention(mode: str, chunk: int | None = None) -> AttentionSetting:
@@ -59,30 +61,29 @@ def check_attention(mode: str, chunk: int | None = None) -> AttentionSetting:
 
 
 def get_attention() -> AttentionSetting:
-    """The current process-wide attention setting."""
-    return _setting
+    """The current attention setting (of this thread / context)."""
+    return _setting.get()
 
 
 def set_attention(mode: str = "sdpa", chunk: int | None = None) -> AttentionSetting:
-    """Select the attention kernel for the whole process; returns the previous setting.
+    """Select the attention kernel (for this thread / context); returns the previous setting.
 
     `chunk` (default 1024) is the most query rows and key columns one block of the chunked mode
     holds; it is validated in every mode but only used by ``chunked``.
     """
-    global _setting
-    previous, _setting = _setting, check_attention(mode, chunk)
+    previous = _setting.get()
+    _setting.set(check_attention(mode, chunk))
     return previous
 
 
 @contextmanager
 def attention_mode(mode: str, chunk: int | None = None) -> Iterator[AttentionSetting]:
     """`set_attention(mode, chunk)` for the duration of a `with` block, then restore."""
-    global _setting
-    previous = set_attention(mode, chunk)
+    token = _setting.set(check_attention(mode, chunk))
     try:
-        yield _setting
+        yield _setting.get()
     finally:
-        _setting = previous
+        _setting.reset(token)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -90,11 +91,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
     `causal=True` lets query i see keys 0..i (top-left aligned, as SDPA's is_causal).
     """
-    mode = _setting.mode
-    if mode == "sdpa":
+    setting = _setting.get()
+    if setting.mode == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    if mode == "chunked":
-        return chunked_attention(q, k, v, causal, _setting.chunk)
+    if setting.mode == "chunked":
+        return chunked_attention(q, k, v, causal, setting.chunk)
     return plain_attention(q, k, v, causal)
 
 

@@ -9,6 +9,7 @@ Native keys are full CompVis keys: `model.diffusion_model.*` (UNet), `first_stag
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -63,6 +64,16 @@ class Checkpoint:
         prefix = PREFIXES[component]
         tensors = self.tensors if self.tensors is not None else self._reread(component)
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and not _ignored(k)}
+
+    @property
+    def memory_mapped(self) -> bool:
+        """Whether re-reading the file is free (safetensors, zip .ckpt): then components can each
+        get their own memory map. A legacy (non-zip) pickle is read whole every time."""
+        if self.format in ("safetensors", "diffusers"):
+            return self.format == "safetensors" or all(
+                f.suffix == ".safetensors" or zipfile.is_zipfile(f)
+                for sub, _ in DIFFUSERS_PARTS.values() for f in (self.path / sub).glob("*.*") if f.suffix in (".safetensors", ".bin"))
+        return zipfile.is_zipfile(self.path)
 
     def release(self) -> None:
         """Drop this object's own view of the file (the memory map), keeping only what the loaded

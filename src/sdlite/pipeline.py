@@ -91,7 +91,8 @@ class StableDiffusion:
     - `memory`: "normal" keeps the three models loaded for repeated generation; "low" keeps at
       most one resident: text encoder, then UNet, then VAE, each loaded from the (memory-mapped)
       checkpoint when needed and freed after use; it also runs the two halves of classifier-free
-      guidance as two calls (half the UNet activations).
+      guidance as two calls (half the UNet activations), and on glibc it fixes malloc's mmap
+      and trim thresholds for the whole process (128 KiB) so freed memory goes back to the OS.
     """
 
     def __init__(self, model: str | Path | Checkpoint, *, device: str | torch.device = "cpu",
@@ -125,7 +126,8 @@ class StableDiffusion:
         self.alphas_cumprod = schedule.alphas_cumprod()
         # From now on each component is loaded through its own memory map, so a model that is
         # freed (or converted to another dtype) gives its pages back.
-        self.checkpoint.release()
+        if self.checkpoint.memory_mapped:
+            self.checkpoint.release()
         if memory == "low":
             _return_freed_memory_to_the_os()
         if memory == "normal":
@@ -258,6 +260,11 @@ class StableDiffusion:
 
     def _job(self, prompt, negative_prompt, *, width, height, steps, guidance_scale, sampler, karras, seed,
              batch_size, clip_skip, eta) -> _Job:
+        if not _is_int(batch_size) or batch_size < 1:
+            raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+        layers = self.config.text.layers
+        if not _is_int(clip_skip) or not 1 <= clip_skip <= layers:
+            raise InputError(f"clip_skip must be an integer from 1 to {layers}, got {clip_skip!r}")
         prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InputError("prompt must be a string or a non-empty list of strings")
@@ -273,8 +280,8 @@ class StableDiffusion:
             raise InputError(f"guidance scale must be a finite number, got {guidance_scale!r}")
         samplers.get_sampler(sampler)
         seed = random.randrange(2**32) if seed is None else seed
-        if not isinstance(seed, int) or seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+        if not _is_int(seed) or seed < 0 or seed + len(prompts) - 1 >= 2**64:
+            raise InputError(f"seed must be an integer from 0 to 2**64 - {len(prompts)}, got {seed!r}")
         seeds = [seed + i for i in range(len(prompts))]
         job = _Job(prompts, negatives, seeds, width, height, steps, float(guidance_scale), sampler, karras,
                    clip_skip, eta)
@@ -408,6 +415,10 @@ def _return_freed_memory_to_the_os() -> None:
             libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: give back free heap tops promptly
     except OSError:
         pass
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_size(width, height, factor: int) -> None:

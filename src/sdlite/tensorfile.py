@@ -46,12 +46,24 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict, int]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header")
     meta = header.pop("__metadata__", None) or {}
+    for name, entry in header.items():
+        if not _valid_entry(entry):
+            raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}")
     end = max((e["data_offsets"][1] for e in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path}: file is truncated ({size} bytes, the header describes {8 + n + end}); download it again"
         )
     return header, meta, 8 + n
+
+
+def _valid_entry(entry) -> bool:
+    """dtype known, shape of non-negative ints, offsets 0 <= a <= b (ints)."""
+    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)  # noqa: E731
+    return ints(shape) and ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
