@@ -33,6 +33,7 @@ CONFIGS = {
     "sdlite-low-fp16": ("sdlite", dict(file="fp16", size=512, memory="low")),
     "sdlite-low-int8": ("sdlite", dict(file="int8", size=512, memory="low")),
     "sdlite-low-int8-chunked": ("sdlite", dict(file="int8", size=512, memory="low", attention="chunked")),
+    "sdlite-low-quantize-fp16file": ("sdlite", dict(file="fp16", size=512, memory="low", quantize="int8")),
     "sdlite-low-int8-1024": ("sdlite", dict(file="int8", size=1024, memory="low", vae_tiling="on")),
     "diffusers-fp32": ("diffusers", dict(file="fp32", size=512)),
     "diffusers-fp32-sliced-tiled": ("diffusers", dict(file="fp32", size=512, slicing=True, vae_tiling=True)),
@@ -115,7 +116,7 @@ def run_sdlite(opts: dict, device: str, steps: int, meter: StageMeter, workdir: 
 
     from sdlite.pipeline import StableDiffusion
 
-    kwargs = {k: opts[k] for k in ("memory", "attention", "vae_tiling") if k in opts}
+    kwargs = {k: opts[k] for k in ("memory", "attention", "vae_tiling", "quantize") if k in opts}
     sd = StableDiffusion(_files(workdir)[opts["file"]], device=device, **kwargs)
     meter.wrap(sd, "encode_prompt", "text")
     meter.wrap(sd, "denoise", "denoise")

@@ -418,3 +418,20 @@ def test_full_text_encoder_int8_error():
         err = rel_rms(quantize_model(text)(ids), ref)
     print(f"[int8] full text encoder context rel RMS error vs fp32: {err:.4f}")
     assert err <= 0.022  # measured 0.0183 (0.0235 with layer 0 in int8 too)
+
+
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tiny):
+    """`quantize="int8"` on a float file: same int8 weights as quantize_model, every tensor a copy
+    (nothing left pointing into the file's memory map), and a second load still reads the file."""
+    from sdlite.checkpoint import open_checkpoint
+    from sdlite.quantize import quantize_model
+
+    ck = open_checkpoint(tiny.folder)
+    reference = quantize_model(ck.load("unet"))
+    ck.release()
+    for _ in range(2):  # the second load must not see pages dropped by the first
+        loaded = ck.load("unet", int8=True)
+        ref_state, state = reference.state_dict(), loaded.state_dict()
+        assert set(ref_state) == set(state)
+        for k, v in state.items():
+            assert torch.equal(v, ref_state[k]), k

@@ -88,22 +88,32 @@ class Checkpoint:
             return {PREFIXES[component] + k: v for k, v in converted.items()}
         return _read_all(self.path, self.ema)[0]
 
-    def load(self, component: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    def load(self, component: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+             int8: bool = False) -> nn.Module:
         """Build one model on `meta` and fill it from the file (no second copy when dtype matches).
 
         In an int8 file the quantized layers become Int8Linear/Int8Conv2d before loading, so
         their int8 weights are used as stored (memory-mapped on the CPU) and their float32
         scales are kept as they are; `dtype` converts the other floating-point tensors.
+        `int8=True` quantizes a float file's UNet/text encoder while loading, one tensor at a
+        time: the float model never exists whole (not on the GPU either), and every tensor is a
+        copy, so the file's pages are given back once the load returns.
         """
         with torch.device("meta"):
             model = build_model(component, self.config)
-        state, scales = self.state_dict(component), set()
-        if self.quantization:
+        state, scales, copy = self.state_dict(component), set(), False
+        if int8 and not self.quantization and component in ("unet", "text"):
+            from .quantize import quantize_state_dict
+
+            # Pages are dropped only from a private read made for this load (after release()):
+            # tensors this object keeps would otherwise be read again later.
+            state, copy = quantize_state_dict(state, component, self.config, release=self.tensors is None), True
+        if self.quantization or copy:
             from .quantize import SCALE_SUFFIX, install_int8
 
             install_int8(model, state)
             scales = {k for k in state if k.endswith(SCALE_SUFFIX)}  # stay float32
-        state = {k: v.to(device=device, dtype=dtype or v.dtype) if v.is_floating_point() and k not in scales
+        state = {k: v.to(device=device, dtype=dtype or v.dtype, copy=copy) if v.is_floating_point() and k not in scales
                  else v.to(device) for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval().requires_grad_(False)

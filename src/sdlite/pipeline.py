@@ -139,12 +139,9 @@ class StableDiffusion:
         stored = self.checkpoint.dtype
         keep_stored = self.device.type == "cpu" and stored != self.dtype and stored in (torch.float16, torch.bfloat16) \
             and self.dtype == torch.float32
-        model = self.checkpoint.load(component, None if keep_stored else self.dtype, self.device)
+        int8 = self.quantize == "int8"  # quantized while loading; an int8 file is used as it is
+        model = self.checkpoint.load(component, None if keep_stored else self.dtype, self.device, int8=int8)
         model = compute_in(model, self.dtype) if keep_stored else model
-        if self.quantize == "int8" and component in ("unet", "text") and self.checkpoint.quantization is None:
-            from .quantize import quantize_model
-
-            model = quantize_model(model)  # a quantized file is used as it is
         if component == "unet":
             model = self._speed_up(model)
         return model

@@ -331,7 +331,7 @@ class Deferred:
 
 def quantize_state_dict(state: dict[str, torch.Tensor], component: str, cfg, keep: Iterable[str] | None = None,
                         layers: Iterable[str] | None = None, dtype: torch.dtype | None = None,
-                        lazy: bool = False) -> dict:
+                        lazy: bool = False, release: bool = False) -> dict:
     """A component's state dict (its own keys) in the int8 file layout.
 
     The chosen layers' weights become int8 under their own keys plus `<key>_scale` (float32);
@@ -349,6 +349,10 @@ def quantize_state_dict(state: dict[str, torch.Tensor], component: str, cfg, kee
     for key, t in state.items():
         if t.dtype == torch.int8 or _is_scale(key, state):
             out[key] = t  # already quantized (re-export of an int8 file)
+        elif key in chosen and not lazy:
+            out[key], out[key + SCALE_SUFFIX] = quantize_tensor(t)
+            if release:
+                drop_pages(t)  # the float weight is done with: let its file pages go now
         elif key in chosen:
             out[key] = _value(t.shape, torch.int8, lambda t=t: quantize_tensor(t)[0], lazy)
             out[key + SCALE_SUFFIX] = _value(t.shape[:1], torch.float32, lambda t=t: quantize_tensor(t)[1], lazy)
@@ -357,6 +361,26 @@ def quantize_state_dict(state: dict[str, torch.Tensor], component: str, cfg, kee
         else:
             out[key] = t
     return out
+
+
+def drop_pages(t: torch.Tensor) -> None:
+    """Tell the kernel that the whole pages under a CPU tensor read from a private file mapping
+    are not needed any more (madvise MADV_DONTNEED): they leave this process's resident set, and
+    would be read from the file again if touched. No-op for other tensors or off Linux."""
+    import ctypes
+    import mmap
+    import sys
+
+    if t.device.type != "cpu" or not sys.platform.startswith("linux") or t.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if last > first:
+        try:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+        except (OSError, AttributeError):
+            pass
 
 
 def _is_scale(key: str, tensors: dict) -> bool:
