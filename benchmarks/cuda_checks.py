@@ -39,10 +39,7 @@ def main(argv=None) -> int:
     from sdlite.pipeline import StableDiffusion
 
     workdir = Path(args.workdir)
-    load_memory.make_files(workdir, ["safetensors"])
-    config = workdir / "diffusers-sd15-config"
-    if not (config / "model_index.json").exists():
-        load_memory.make_diffusers_config(config)
+    config = load_memory.prepare(workdir)
     path = workdir / "sd15-fp16.safetensors"
     kw = dict(width=args.size, height=args.size, steps=args.steps, sampler="ddim", seed=3)
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps, "size": args.size}

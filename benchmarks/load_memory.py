@@ -103,6 +103,15 @@ def make_files(workdir: Path, formats: list[str]) -> None:
         print(f"[make] wrote {fp16} ({fp16.stat().st_size / GiB:.2f} GiB)", file=sys.stderr)
 
 
+def prepare(workdir: Path) -> Path:
+    """The random checkpoints (fp32, fp16) and the offline diffusers config folder; returns the folder."""
+    make_files(workdir, ["safetensors"])
+    config = workdir / "diffusers-sd15-config"
+    if not (config / "model_index.json").exists():
+        make_diffusers_config(config)
+    return config
+
+
 def make_diffusers_config(folder: Path) -> None:
     """A diffusers SD folder with configs and tokenizer only (no weights), for offline from_single_file.
 

@@ -181,9 +181,7 @@ def child(name: str, device: str, steps: int, workdir: Path) -> dict:
 def prepare(workdir: Path, need: set[str]) -> None:
     import load_memory
 
-    load_memory.make_files(workdir, ["safetensors"])
-    if not (workdir / "diffusers-sd15-config" / "model_index.json").exists():
-        load_memory.make_diffusers_config(workdir / "diffusers-sd15-config")
+    load_memory.prepare(workdir)
     int8 = _files(workdir)["int8"]
     if "int8" in need and not int8.exists():
         import sdlite

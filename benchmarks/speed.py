@@ -164,10 +164,7 @@ def main(argv=None) -> int:
     import torch
 
     workdir = Path(args.workdir)
-    load_memory.make_files(workdir, ["safetensors"])
-    config = workdir / "diffusers-sd15-config"
-    if not (config / "model_index.json").exists():
-        load_memory.make_diffusers_config(config)
+    config = load_memory.prepare(workdir)
     cuda = args.device == "cuda"
     dtype = torch.float16 if cuda else torch.float32
     path = workdir / ("sd15-fp16.safetensors" if cuda else "sd15-fp32.safetensors")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from refmodels import diffusers_pipeline, diffusers_unet
 from sdlite.config import SD_V1, TINY, ModelConfig, with_in_channels
@@ -64,3 +65,18 @@ def full(tmp_path_factory) -> RefModel:
 @pytest.fixture(scope="session")
 def full_inpaint_unet():
     return diffusers_unet(with_in_channels(SD_V1, 9).unet, seed=200)
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the element count of the largest tensor any aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import LargestOutput
 from sdlite import attention as attn
 from sdlite.attention import (
     MODES, attention, attention_mode, check_attention, chunked_attention, get_attention, plain_attention,
@@ -222,19 +222,6 @@ def test_tiny_models_same_output_in_every_mode(tiny_models, monkeypatch, chunk):
 # ---------------------------------------------------------------------------- memory
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the element count of the largest tensor any aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -243,11 +230,11 @@ def test_chunked_never_allocates_the_score_matrix(causal):
     q-sized tensor); the plain mode, measured the same way, does return all Tq*Tk scores."""
     b, h, t, d, chunk = 2, 4, 2048, 16, 256
     q, k, v = qkv(b, h, t, t, d, seed=2)
-    with _LargestOutput() as seen:
+    with LargestOutput() as seen:
         out = chunked_attention(q, k, v, causal, chunk)
     bound = max(b * h * chunk * chunk, q.numel())
     assert seen.largest <= bound, f"chunked made a tensor of {seen.largest} elements (> bound {bound})"
-    with _LargestOutput() as control:
+    with LargestOutput() as control:
         expect = plain_attention(q, k, v, causal)
     assert control.largest >= b * h * t * t, "the probe must see the full score matrix of the plain mode"
     assert max_diff(out, expect) <= 1e-5
@@ -262,10 +249,10 @@ def test_chunked_bounds_models_allocations(tiny_models):
     x = torch.randn(1, unet.cfg.in_channels, 32, 32, generator=g)
     ctx = torch.randn(1, 77, unet.cfg.context_dim, generator=g)
     scores = 1 * unet.cfg.num_heads * 1024 * 1024
-    with torch.no_grad(), attention_mode("chunked", 128), _LargestOutput() as seen:
+    with torch.no_grad(), attention_mode("chunked", 128), LargestOutput() as seen:
         unet(x, torch.tensor([500.0]), ctx)
     assert seen.largest < scores / 16, f"largest tensor {seen.largest} elements vs scores {scores}"
-    with torch.no_grad(), attention_mode("plain"), _LargestOutput() as control:
+    with torch.no_grad(), attention_mode("plain"), LargestOutput() as control:
         unet(x, torch.tensor([500.0]), ctx)
     assert control.largest >= scores
 

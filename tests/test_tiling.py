@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import LargestOutput
 from sdlite import tiling
 from sdlite.attention import attention_mode
 from sdlite.checkpoint import build_model, open_checkpoint
@@ -139,19 +139,6 @@ def test_tiled_encode_error_is_bounded(vae):
 # ---------------------------------------------------------------------------- memory
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the element count of the largest tensor any aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_tiled_decode_holds_only_the_output_and_one_tile(vae):
@@ -160,11 +147,11 @@ def test_tiled_decode_holds_only_the_output_and_one_tile(vae):
     (Chunked attention, so that the VAE's attention scores do not hide the conv activations.)"""
     z = latents((1, 4, 64, 64), seed=4)
     with torch.no_grad(), attention_mode("chunked", 256):
-        with _LargestOutput() as one_tile:
+        with LargestOutput() as one_tile:
             vae.decode(z[..., :16, :16])
-        with _LargestOutput() as untiled:
+        with LargestOutput() as untiled:
             vae.decode(z)
-        with _LargestOutput() as tiled:
+        with LargestOutput() as tiled:
             out = tiled_decode(vae, z, tile=16, overlap=4)
     bound = max(out.numel(), one_tile.largest)
     print(f"[mem] largest tensor: tiled {tiled.largest}, one tile {one_tile.largest}, output {out.numel()}, "

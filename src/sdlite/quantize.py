@@ -125,6 +125,14 @@ def _bias(layer: nn.Module) -> nn.Parameter | None:
     return None if layer.bias is None else _frozen(layer.bias.detach())
 
 
+def _from_float(cls, layer: nn.Module) -> nn.Module:
+    """An Int8Linear/Int8Conv2d quantized from a float layer (its bias kept as it is)."""
+    new = cls.like(layer)
+    new.weight, new.weight_scale = map(_frozen, quantize_tensor(layer.weight))
+    new.bias = _bias(layer)
+    return new
+
+
 class Int8Linear(nn.Module):
     """nn.Linear with an int8 weight (out, in) and float32 `weight_scale` (out,)."""
 
@@ -140,12 +148,7 @@ class Int8Linear(nn.Module):
         """An empty int8 twin of `layer` on the same device (e.g. meta, to be filled by loading)."""
         return cls(layer.in_features, layer.out_features, layer.bias is not None, device=layer.weight.device)
 
-    @classmethod
-    def from_float(cls, layer: nn.Linear) -> Int8Linear:
-        new = cls.like(layer)
-        new.weight, new.weight_scale = map(_frozen, quantize_tensor(layer.weight))
-        new.bias = _bias(layer)
-        return new
+    from_float = classmethod(lambda cls, layer: _from_float(cls, layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -176,12 +179,7 @@ class Int8Conv2d(nn.Module):
         return cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                    layer.dilation, layer.groups, layer.bias is not None, device=layer.weight.device)
 
-    @classmethod
-    def from_float(cls, layer: nn.Conv2d) -> Int8Conv2d:
-        new = cls.like(layer)
-        new.weight, new.weight_scale = map(_frozen, quantize_tensor(layer.weight))
-        new.bias = _bias(layer)
-        return new
+    from_float = classmethod(lambda cls, layer: _from_float(cls, layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
