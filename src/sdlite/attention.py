@@ -86,12 +86,19 @@ def attention_mode(mode: str, chunk: int | None = None) -> Iterator[AttentionSet
         _setting.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _current_setting() -> AttentionSetting:
+    # torch.compile cannot trace ContextVar.get; this makes it read the setting once, while
+    # compiling, and bake it in (a compiled model keeps the mode it was compiled under).
+    return _setting.get()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """Multi-head attention on (B, heads, T, d) tensors, scale 1/sqrt(d), in the current mode.
 
     `causal=True` lets query i see keys 0..i (top-left aligned, as SDPA's is_causal).
     """
-    setting = _setting.get()
+    setting = _current_setting()
     if setting.mode == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if setting.mode == "chunked":

@@ -662,7 +662,7 @@ def read_vae_tensors(path: Path) -> dict:
 def use_vae_file(sd, path: Path) -> None:
     """Make the pipeline use the VAE from `path`: now, and whenever it (re)loads its VAE
     (memory="low" frees each model after its stage and loads it again when needed)."""
-    vae = load_vae(path, sd.config.vae, device=sd.device, dtype=sd.dtype)  # validates now
+    vae = sd.prepare("vae", load_vae(path, sd.config.vae, device=sd.device, dtype=sd.dtype))  # validates now
     if sd.vae is not None:
         sd.vae = vae
     del vae
@@ -670,7 +670,7 @@ def use_vae_file(sd, path: Path) -> None:
 
     def load(component: str):
         if component == "vae":
-            return load_vae(path, sd.config.vae, device=sd.device, dtype=sd.dtype)
+            return sd.prepare("vae", load_vae(path, sd.config.vae, device=sd.device, dtype=sd.dtype))
         return load_component(component)
 
     sd.load_component = load

@@ -142,6 +142,19 @@ class StableDiffusion:
         int8 = self.quantize == "int8"  # quantized while loading; an int8 file is used as it is
         model = self.checkpoint.load(component, None if keep_stored else self.dtype, self.device, int8=int8)
         model = compute_in(model, self.dtype) if keep_stored else model
+        # The re-packed weights' file pages can be dropped when they are this load's own memory
+        # map (released checkpoint, stored float32).
+        return self.prepare(component, model, release=self.checkpoint.tensors is None and stored == torch.float32)
+
+    def prepare(self, component: str, model: torch.nn.Module, release: bool = False) -> torch.nn.Module:
+        """The run-time speed-ups for a loaded model (also for one loaded elsewhere, e.g. a VAE
+        file): exact CPU kernels in normal mode (packed oneDNN weights, upsampling as one
+        transposed conv; `release`: its weights are file-mapped pages that may be dropped once
+        packed), CUDA graphs / torch.compile for the UNet."""
+        if self.device.type == "cpu" and self.memory == "normal":
+            from .kernels import cpu_speed_up
+
+            cpu_speed_up(model, release=release)
         if component == "unet":
             model = self._speed_up(model)
         return model

@@ -364,7 +364,9 @@ def quantize_state_dict(state: dict[str, torch.Tensor], component: str, cfg, kee
 def drop_pages(t: torch.Tensor) -> None:
     """Tell the kernel that the whole pages under a CPU tensor read from a private file mapping
     are not needed any more (madvise MADV_DONTNEED): they leave this process's resident set, and
-    would be read from the file again if touched. No-op for other tensors or off Linux."""
+    would be read from the file again if touched. Only pages of a file mapping are dropped
+    (checked in /proc/self/maps: dropping anonymous memory would zero it); a no-op for other
+    tensors or off Linux."""
     import ctypes
     import mmap
     import sys
@@ -374,11 +376,26 @@ def drop_pages(t: torch.Tensor) -> None:
     page = mmap.PAGESIZE
     start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
-    if last > first:
+    if last > first and _in_file_mapping(first, last):
         try:
             ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
         except (OSError, AttributeError):
             pass
+
+
+def _in_file_mapping(first: int, last: int) -> bool:
+    """[first, last) lies inside one private mapping of a regular file (per /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(a, 16) for a in fields[0].split("-"))
+                if lo <= first and last <= hi:
+                    path = fields[5].strip() if len(fields) > 5 else ""
+                    return fields[1].endswith("p") and path.startswith("/") and fields[4] != "0"
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _is_scale(key: str, tensors: dict) -> bool:

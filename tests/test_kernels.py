@@ -1,0 +1,124 @@
+"""Exact CPU kernels (kernels.py): same results as the eager layers, within float32 rounding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import assert_close
+from sdlite import kernels, unet as unet_mod, vae as vae_mod
+from sdlite.checkpoint import build_model, open_checkpoint
+from sdlite.config import TINY
+from sdlite.pipeline import StableDiffusion
+from sdlite.quantize import drop_pages
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="this PyTorch build has no oneDNN")
+
+
+def randomized(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("channels,out_channels,h,w", [(8, 8, 5, 7), (16, 24, 8, 8), (3, 5, 1, 1)])
+def test_transposed_taps_equal_nearest_upsample_then_conv(channels, out_channels, h, w):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+    x = torch.randn(2, channels, h, w)
+    reference = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    ours = F.conv_transpose2d(x, kernels.transposed_taps(conv.weight.detach()), conv.bias, stride=2, padding=1)
+    assert_close(ours, reference, rel=1e-5, what="upsample as transposed conv")
+
+
+def test_upsample_swaps_match_and_keep_odd_sizes():
+    torch.manual_seed(1)
+    up = unet_mod.Upsample(16)
+    swapped = kernels.cpu_speed_up(copy.deepcopy(up))
+    assert type(swapped) is kernels.TransposedUNetUpsample
+    x = torch.randn(2, 16, 5, 6)
+    with torch.inference_mode():
+        for size in [(10, 12), (9, 11)]:  # 9x11: a skip of an odd latent size takes the plain path
+            assert_close(swapped(x, size), up(x, size), rel=1e-5, what=f"UNet upsample to {size}")
+    vup = vae_mod.Upsample(8)
+    vswapped = kernels.cpu_speed_up(copy.deepcopy(vup))
+    assert type(vswapped) is kernels.TransposedVAEUpsample
+    with torch.inference_mode():
+        assert_close(vswapped(x[:, :8]), vup(x[:, :8]), rel=1e-5, what="VAE upsample")
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text"])
+def test_swapped_models_equal_eager(component):
+    with torch.device("meta"):
+        meta = build_model(component, TINY)
+    eager = randomized(meta.to_empty(device="cpu"), seed=3)
+    state = {k: v.clone() for k, v in eager.state_dict().items()}
+    fast = kernels.cpu_speed_up(copy.deepcopy(eager))
+    assert any(isinstance(m, (kernels.PackedConv2d, kernels.PackedLinear)) for m in fast.modules())
+    # The parameters (and so state dicts, exports, hashes) are unchanged.
+    assert all(torch.equal(state[k], v) for k, v in fast.state_dict().items())
+    g = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        if component == "unet":
+            context = torch.randn(2, 77, TINY.text.width, generator=g)
+            # Two sizes in a row: the packed weights are re-made for the new input shape.
+            for hw in [(8, 8), (6, 10), (8, 8)]:
+                x = torch.randn(2, 4, *hw, generator=g)
+                t = torch.tensor([10.0, 700.0])
+                assert_close(fast(x, t, context), eager(x, t, context), what=f"unet {hw}")
+        elif component == "vae":
+            z = torch.randn(1, 4, 6, 10, generator=g)
+            assert_close(fast.decode(z), eager.decode(z), what="vae decode")
+            img = torch.rand(1, 3, 48, 40, generator=g) * 2 - 1
+            assert_close(fast.encode(img)[0], eager.encode(img)[0], what="vae encode")
+        else:
+            ids = torch.randint(0, TINY.text.vocab_size, (2, 77), generator=g)
+            assert_close(fast(ids), eager(ids), what="text encoder")
+
+
+def test_other_layers_are_left_alone():
+    """Cast-on-the-fly and int8 layers, and non-float32 weights, keep their own classes."""
+    from sdlite.precision import compute_in
+
+    with torch.device("meta"):
+        meta = build_model("unet", TINY)
+    half = randomized(meta.to_empty(device="cpu"), seed=5).half()
+    compute_in(half, torch.float32)
+    before = [type(m) for m in half.modules()]
+    kernels.cpu_speed_up(half)
+    assert [type(m) for m in half.modules()] == before
+
+
+def test_drop_pages_only_touches_file_mappings(tmp_path):
+    anonymous = torch.randn(1 << 18)
+    expected = anonymous.clone()
+    drop_pages(anonymous)  # anonymous memory would read back as zeros if it were dropped
+    assert torch.equal(anonymous, expected)
+
+
+def test_release_keeps_mapped_weights_readable(tiny):
+    """release=True drops the file pages of packed weights; they read back from the file."""
+    ck = open_checkpoint(tiny.folder)
+    ck.release()
+    model = ck.load("unet")
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    kernels.cpu_speed_up(model, release=True)
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([50.0]), torch.randn(1, 77, TINY.text.width)
+    with torch.inference_mode():
+        model(x, t, c)  # packs, then drops the pages of the original weights
+    assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
+
+
+def test_pipeline_uses_kernels_in_normal_mode_only(tiny):
+    normal = StableDiffusion(tiny.folder)
+    assert any(isinstance(m, kernels.PackedConv2d) for m in normal.unet.modules())
+    assert any(isinstance(m, kernels.TransposedVAEUpsample) for m in normal.vae.modules())
+    low = StableDiffusion(tiny.folder, memory="low")
+    unet = low.resident("unet")
+    assert not any(isinstance(m, (kernels.PackedConv2d, kernels.PackedLinear)) for m in unet.modules())
