@@ -12,7 +12,7 @@ Measures, in one run, on the same weights:
 2. per-layer sensitivity: the same error with one layer at a time in int8 (ranking);
 3. text encoder context error and VAE decoder error (int8 all / default keep);
 4. txt2img after `--steps` PLMS steps (CFG 7.5) at each of `--sizes`: PSNR (8-bit images) of
-   int8 / fp16 against fp32, through `sdlite.pipeline.StableDiffusion`.
+   int8 / fp16 (and on the CPU fast mode) against fp32, through `sdlite.pipeline.StableDiffusion`.
 
 Random weights follow tests/refmodels.randomize_ (weights N(0, 1/fan_in), norm scales 1 +
 0.1 N, biases 0.05 N). `--tails t4` draws weights from a unit-variance Student-t (4 degrees of
@@ -113,6 +113,12 @@ def unet_figures(unet, cfg, args, report):
                     out["int8 DEFAULT_KEEP, fp16 compute"] = rel(h(x.half(), t, c.half()).float(), ref)
                     del h
             del q
+        if dev == "cpu" and fast_cpu_available():
+            from sdlite.fastcpu import fast_int8
+
+            q = fast_int8(quantize_model(copy.deepcopy(unet)))
+            out["fast mode (CPU): int8 weights x uint8 activations, DEFAULT_KEEP"] = rel(q(x, t, c), ref)
+            del q
         report["unet_eps_rel_rms"] = out
         if args.sensitivity:
             start = time.perf_counter()
@@ -175,14 +181,17 @@ def pipeline_figures(models, cfg, args, report):
     # Plain eager UNet (no CUDA-graph wrapper), so that quantize_model sees sdlite's UNetModel.
     extra = {"cuda_graphs": False} if "cuda_graphs" in inspect.signature(StableDiffusion).parameters else {}
     variants = {"fp32": (torch.float32, False), "int8": (torch.float32, True)}
+    if args.device == "cpu" and fast_cpu_available():
+        variants["fast (CPU int8 x int8)"] = (torch.float32, "fast")
     if args.device != "cpu":
         variants.update({"fp16": (torch.float16, False), "int8 + fp16 compute": (torch.float16, True)})
     out = {}
     for size in args.sizes:
         images, latents, row = {}, {}, {}
         for name, (dtype, int8) in variants.items():
-            sd = StableDiffusion(ckpt, device=args.device, dtype=dtype, **extra)
-            if int8:
+            fast = {"fast": True} if int8 == "fast" else {}
+            sd = StableDiffusion(ckpt, device=args.device, dtype=dtype, **extra, **fast)
+            if int8 is True:
                 quantize_model(sd.unet)
                 quantize_model(sd.text_encoder)
             start = time.perf_counter()
@@ -198,6 +207,14 @@ def pipeline_figures(models, cfg, args, report):
                 row[f"{name} latent rel rms"] = rel(latents[name], latents["fp32"])
         out[f"{size}x{size}"] = row
     report[f"txt2img_{args.steps}_steps"] = out
+
+
+def fast_cpu_available() -> bool:
+    try:
+        from sdlite.fastcpu import available
+    except ImportError:  # an older sdlite
+        return False
+    return available()
 
 
 def main() -> int:

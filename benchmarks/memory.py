@@ -35,6 +35,8 @@ CONFIGS = {
     "sdlite-low-int8-chunked": ("sdlite", dict(file="int8", size=512, memory="low", attention="chunked")),
     "sdlite-low-quantize-fp16file": ("sdlite", dict(file="fp16", size=512, memory="low", quantize="int8")),
     "sdlite-low-int8-1024": ("sdlite", dict(file="int8", size=1024, memory="low", vae_tiling="on")),
+    "sdlite-low-int8-fast": ("sdlite", dict(file="int8", size=512, memory="low", fast=True)),
+    "sdlite-fast": ("sdlite", dict(file="fp32", size=512, fast=True)),
     "diffusers-fp32": ("diffusers", dict(file="fp32", size=512)),
     "diffusers-fp32-sliced-tiled": ("diffusers", dict(file="fp32", size=512, slicing=True, vae_tiling=True)),
     # CUDA configurations (fp16 compute)
@@ -116,7 +118,7 @@ def run_sdlite(opts: dict, device: str, steps: int, meter: StageMeter, workdir: 
 
     from sdlite.pipeline import StableDiffusion
 
-    kwargs = {k: opts[k] for k in ("memory", "attention", "vae_tiling", "quantize") if k in opts}
+    kwargs = {k: opts[k] for k in ("memory", "attention", "vae_tiling", "quantize", "fast") if k in opts}
     sd = StableDiffusion(_files(workdir)[opts["file"]], device=device, **kwargs)
     meter.wrap(sd, "encode_prompt", "text")
     meter.wrap(sd, "denoise", "denoise")

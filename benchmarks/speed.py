@@ -225,6 +225,15 @@ def markdown(rows, meta) -> str:
         lines.append(f"| {r['name']} | {r['size']} | {r['steps']} | {f(r.get('unet_call_s'))} | "
                      f"{f(r.get('tflops'), 1)} | {f(r.get('step_s'))} | {f(r.get('e2e_s'))} | "
                      f"{f(r.get('cold_start_s'), 1)} |")
+    lines += ["", "| ratio to diffusers (same run) | size | UNet call | step | end to end | cold start |", "|---|---|---|---|---|---|"]
+    by = {(r["name"], r["size"]): r for r in rows}
+    for (name, size), r in by.items():
+        base = by.get(("diffusers-cold-start" if name.endswith("-cold-start") else "diffusers", size))
+        if base is None or name.startswith("diffusers"):
+            continue
+        ratio = lambda k: "-" if r.get(k) is None or not base.get(k) else f"{r[k] / base[k]:.2f}x"  # noqa: E731
+        lines.append(f"| {name} | {size} | {ratio('unet_call_s')} | {ratio('step_s')} | {ratio('e2e_s')} | "
+                     f"{ratio('cold_start_s')} |")
     return "\n".join(lines)
 
 

@@ -93,6 +93,9 @@ class StableDiffusion:
       checkpoint when needed and freed after use; it also runs the two halves of classifier-free
       guidance as two calls (half the UNet activations), and on glibc it fixes malloc's mmap
       and trim thresholds for the whole process (128 KiB) so freed memory goes back to the OS.
+    - `fast`: opt-in speed that changes the arithmetic: on CUDA torch.compile (+ CUDA graphs),
+      on the CPU int8 x int8 UNet products (fastcpu.py; the UNet is held in int8). Exact mode
+      (the default) keeps the reference's results within float rounding.
     """
 
     def __init__(self, model: str | Path | Checkpoint, *, device: str | torch.device = "cpu",
@@ -117,9 +120,11 @@ class StableDiffusion:
         if self.cuda_graphs and self.device.type != "cuda":
             raise InputError("cuda_graphs=True needs device='cuda'")
         self.fast = fast
-        if fast and self.device.type != "cuda":
-            warnings.warn("fast mode only has a CUDA path so far (torch.compile + CUDA graphs); "
+        if fast and self.device.type == "cpu" and not self._fast_cpu:
+            warnings.warn("fast mode on the CPU needs oneDNN's int8 operators and float32 compute; "
                           "running exact mode", stacklevel=2)
+        elif fast and self.device.type not in ("cpu", "cuda"):
+            warnings.warn(f"fast mode has no {self.device.type} path; running exact mode", stacklevel=2)
         self.config = self.checkpoint.config
         self.text_encoder = self.unet = self.vae = None
         self.tokenizer = get_tokenizer()
@@ -139,7 +144,8 @@ class StableDiffusion:
         stored = self.checkpoint.dtype
         keep_stored = self.device.type == "cpu" and stored != self.dtype and stored in (torch.float16, torch.bfloat16) \
             and self.dtype == torch.float32
-        int8 = self.quantize == "int8"  # quantized while loading; an int8 file is used as it is
+        # quantized while loading; an int8 file is used as it is
+        int8 = self.quantize == "int8" or (component == "unet" and self._fast_cpu)
         model = self.checkpoint.load(component, None if keep_stored else self.dtype, self.device, int8=int8)
         model = compute_in(model, self.dtype) if keep_stored else model
         # The re-packed weights' file pages can be dropped when they are this load's own memory
@@ -155,9 +161,20 @@ class StableDiffusion:
             from .kernels import cpu_speed_up
 
             cpu_speed_up(model, release=release)
+        if component == "unet" and self._fast_cpu:
+            from .fastcpu import fast_int8
+
+            fast_int8(model)
         if component == "unet":
             model = self._speed_up(model)
         return model
+
+    @property
+    def _fast_cpu(self) -> bool:
+        """Fast mode's CPU path (int8 x int8 oneDNN products in the UNet) applies."""
+        from .fastcpu import available
+
+        return self.fast and self.device.type == "cpu" and self.dtype == torch.float32 and available()
 
     def _speed_up(self, unet: torch.nn.Module) -> torch.nn.Module:
         """Exact-mode CUDA graphs; fast mode adds torch.compile (different kernels, PSNR-checked)."""

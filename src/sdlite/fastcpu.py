@@ -1,0 +1,105 @@
+"""Fast mode on the CPU: int8 x int8 products on oneDNN's VNNI kernels (opt-in, not exact).
+
+The UNet's int8 layers (quantize.py's per-output-channel int8 weights: quantized while loading
+a float file, or as stored in an int8 file; the sensitive layers of `DEFAULT_KEEP` stay float)
+also quantize their input, per call: one scale and zero point for the whole tensor (uint8,
+asymmetric; the range always includes 0, so a convolution's zero padding stays exact). The
+products then run uint8 x int8 -> int32 in oneDNN (VNNI instructions: about 4x the float32
+multiply-add rate on an AVX-512 VNNI CPU) and come out float32 with the bias added. Attention's
+own products, norms, activations and the float layers stay float32.
+
+Each layer packs its int8 weight for oneDNN once; the packed copy is then the only one (the
+plain int8 weight is released: its file pages dropped, or its memory freed), so fast mode holds
+the UNet in int8 (0.86 GB for SD v1) and a swapped model's state_dict is not loadable anywhere.
+Accuracy against exact mode is measured in benchmarks/ and tested (PSNR of the decoded image).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .quantize import Int8Conv2d, Int8Linear, drop_pages
+
+
+def available() -> bool:
+    """oneDNN's quantized convolution and linear operators exist in this PyTorch build, and the
+    CPU has VNNI (without it, uint8 x int8 products go through 16-bit intermediate sums that can
+    saturate, and they would not be faster anyway)."""
+    ops = torch.ops.onednn
+    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    return torch.backends.mkldnn.is_available() and vnni() and all(
+        hasattr(ops, n) for n in ("qconv_prepack", "qconv2d_pointwise", "qlinear_prepack", "qlinear_pointwise"))
+
+
+def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """x (float32) -> (uint8 tensor of the same shape and memory format, scale, zero point)."""
+    lo, hi = torch.aminmax(x)
+    lo, hi = min(lo.item(), 0.0), max(hi.item(), 0.0)
+    scale = (hi - lo) / 255.0
+    if not scale > 0.0:  # all zeros (or NaN: let it propagate through the float path)
+        scale = 1.0
+    zero_point = min(255, max(0, round(-lo / scale)))
+    with warnings.catch_warnings():  # quantized tensors are "deprecated", the fused kernel is not gone
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+    return q, scale, zero_point
+
+
+def _release(module: nn.Module) -> None:
+    """Drop the plain int8 weight once packed: file pages go back, anonymous memory is freed."""
+    drop_pages(module.weight)
+    module.weight = nn.Parameter(torch.empty(0, dtype=torch.int8), requires_grad=False)
+
+
+class FastInt8Linear(Int8Linear):
+    packed: torch.Tensor
+    zero_points: torch.Tensor
+
+    def _pack(self) -> None:
+        self.packed = torch.ops.onednn.qlinear_prepack(self.weight.detach(), None)
+        self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+        _release(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale, zp = quantize_input(x)
+        return torch.ops.onednn.qlinear_pointwise(q, scale, zp, self.packed, self.weight_scale, self.zero_points,
+                                                  self.bias, 1.0, 0, torch.float32, "none", [], "")
+
+
+class FastInt8Conv2d(Int8Conv2d):
+    packed: torch.Tensor
+    zero_points: torch.Tensor
+
+    def _pack(self) -> None:
+        pair = nn.modules.utils._pair
+        self.stride, self.padding, self.dilation = pair(self.stride), pair(self.padding), pair(self.dilation)
+        w = self.weight.detach().contiguous(memory_format=torch.channels_last)
+        self.packed = torch.ops.onednn.qconv_prepack(w, self.weight_scale, 1.0, 0, list(self.stride),
+                                                     list(self.padding), list(self.dilation), self.groups, None)
+        self.zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
+        _release(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale, zp = quantize_input(x.contiguous(memory_format=torch.channels_last))
+        return torch.ops.onednn.qconv2d_pointwise(q, scale, zp, self.packed, self.weight_scale, self.zero_points,
+                                                  self.bias, list(self.stride), list(self.padding),
+                                                  list(self.dilation), self.groups, 1.0, 0, torch.float32,
+                                                  "none", [], "")
+
+
+_SWAPS = {Int8Linear: FastInt8Linear, Int8Conv2d: FastInt8Conv2d}
+
+
+def fast_int8(model: nn.Module) -> nn.Module:
+    """Swap every int8 layer of a float32 CPU model for its oneDNN int8 x int8 twin (in place)."""
+    for module in model.modules():
+        cls = _SWAPS.get(type(module))
+        if cls is not None and module.weight.device.type == "cpu" and module.weight.numel():
+            if module.bias is not None and module.bias.dtype != torch.float32:
+                module.bias = nn.Parameter(module.bias.float(), requires_grad=False)
+            module.__class__ = cls
+            module._pack()
+    return model
