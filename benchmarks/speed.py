@@ -131,6 +131,44 @@ def measure(runner, name, device, dtype, size, steps, reps, flops) -> dict:
             "e2e_s": statistics.median(e2e), "e2e_all": e2e}
 
 
+def measure_interleaved(runners, device, dtype, size, steps, reps, flops) -> list[dict]:
+    """Like `measure`, for several runners at once, in round-robin order (A B C A B C ...), so
+    that a slow drift of this shared machine's speed falls on every variant alike."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    lat = size // 8
+    x = torch.randn(2, 4, lat, lat, generator=g).to(device, dtype)
+    t = torch.tensor([500.0, 500.0], device=device)
+    c = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+    stats = {name: {"calls": [], "e2e": [], "stamps": []} for name, _ in runners}
+    with torch.inference_mode():
+        for name, runner in runners:
+            t0 = time.perf_counter()
+            runner.unet()(x, t, c)
+            sync(device)
+            stats[name]["warmup"] = time.perf_counter() - t0
+            runner.generate(size, steps, seed=1)
+        for _ in range(reps):
+            for name, runner in runners:
+                unet, st = runner.unet(), stats[name]
+                st["calls"] += timed(lambda: unet(x, t, c), device, 2)
+                stamps: list[float] = []
+                st["e2e"] += timed(lambda: runner.generate(size, steps, seed=1,
+                                                           callback=lambda *a: stamps.append(time.perf_counter())),
+                                   device, 1)
+                st["stamps"] += [b - a for a, b in zip(stamps, stamps[1:]) if b - a > 0]
+    rows = []
+    for name, st in stats.items():
+        per_call = statistics.median(st["calls"])
+        rows.append({"name": name, "device": device, "size": size, "steps": steps, "unet_call_s": per_call,
+                     "unet_call_first_s": st["warmup"], "tflops": flops / per_call / 1e12 if flops else None,
+                     "step_s": statistics.median(st["stamps"]) if st["stamps"] else None,
+                     "e2e_s": statistics.median(st["e2e"]), "e2e_all": st["e2e"], "calls_all": st["calls"],
+                     "order": "interleaved"})
+    return rows
+
+
 def cold_start(impl, path, device, dtype_name, size, steps, config) -> float:
     code = (
         "import time, sys; t0 = time.perf_counter(); sys.path.insert(0, %r);"
@@ -157,6 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fast", action="store_true", help="also measure sdlite fast mode")
     ap.add_argument("--diffusers-compile", action="store_true")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-start children")
+    ap.add_argument("--interleave", action="store_true",
+                    help="load every variant at once and time them in round-robin order (needs the memory of all)")
     ap.add_argument("--workdir", default=str(ROOT / ".cache" / "bench"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -180,6 +220,25 @@ def main(argv=None) -> int:
         variants.append(("diffusers-compile", lambda: DiffusersRunner(path, args.device, dtype, config, compile=True)))
     rows = []
     flops = {}
+    if args.interleave:
+        from sdlite.checkpoint import build_model
+        from sdlite.config import SD_V1
+
+        runners = []
+        for name, make in variants:
+            t0 = time.perf_counter()
+            runners.append((name, make()))
+        for size in sizes:
+            lat = size // 8
+            with torch.device("meta"):
+                meta_unet = build_model("unet", SD_V1)
+            flops[size] = unet_flops(meta_unet, torch.zeros(2, 4, lat, lat, device="meta"),
+                                     torch.zeros(2, device="meta"), torch.zeros(2, 77, 768, device="meta"))
+            for row in measure_interleaved(runners, args.device, dtype, size, steps, args.reps, flops[size]):
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+        del runners
+        variants = []
     for name, make in variants:
         t0 = time.perf_counter()
         runner = make()

@@ -106,9 +106,3 @@ def test_bad_run_options_are_clear_errors(tiny):
                     (dict(vae_tiling="maybe"), "vae_tiling must be one of auto, on, off")):
         with pytest.raises(InputError, match=msg):
             StableDiffusion(tiny.folder, **kw)
-
-
-def test_fast_mode_on_cpu_says_it_runs_exact_mode(tiny):
-    with pytest.warns(UserWarning, match="only has a CUDA path"):
-        sd = StableDiffusion(tiny.folder, fast=True)
-    assert sd.fast and not sd.cuda_graphs

@@ -14,6 +14,7 @@ Swapped in from outside the model files (`cpu_speed_up(model)`), for float32 mod
   with 4x4 taps. It costs 16 multiply-adds per small pixel and channel pair instead of 36: 2.25x
   fewer FLOPs for the UNet's three and the VAE decoder's three upsampling convolutions (28 % of
   a 512x512 decode's FLOPs), and the 4x upsampled input is never built.
+- **GEGLU as two linears**, the gate's with GELU fused on its output (`SplitGEGLU`).
 
 Results equal the eager model's within float32 rounding (different summation order; about
 1e-6 relative), which the parity tests check. The original weights stay the module parameters
@@ -145,6 +146,32 @@ class TransposedVAEUpsample(_TransposedUpsample, vae_mod.Upsample):
         return self._up(x)
 
 
+class SplitGEGLU(unet_mod.GEGLU):
+    """GEGLU as two packed linears, the gate's with oneDNN's (erf) GELU applied on its output:
+    no (T, 2 inner) intermediate, no strided halves, one pass less (25 % faster at 64x64)."""
+
+    value_w: torch.Tensor
+    gate_w: torch.Tensor
+    value_b: torch.Tensor
+    gate_b: torch.Tensor
+
+    def _prepare(self, release: bool) -> None:
+        w, b = self.proj.weight.detach(), self.proj.bias.detach()
+        inner = w.shape[0] // 2
+        pack = torch.ops.mkldnn._reorder_linear_weight
+        self.value_w, self.gate_w = pack(w[:inner].contiguous(), None), pack(w[inner:].contiguous(), None)
+        self.value_b, self.gate_b = b[:inner].contiguous(), b[inner:].contiguous()
+        if release:
+            drop_pages(self.proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            return super().forward(x)
+        value = torch.ops.mkldnn._linear_pointwise(x, self.value_w, self.value_b, "none", [], "")
+        gate = torch.ops.mkldnn._linear_pointwise(x, self.gate_w, self.gate_b, "gelu", [], "none")
+        return value.mul_(gate)
+
+
 _UPSAMPLES = {unet_mod.Upsample: TransposedUNetUpsample, vae_mod.Upsample: TransposedVAEUpsample}
 
 
@@ -161,7 +188,7 @@ def cpu_speed_up(model: nn.Module, release: bool = False) -> nn.Module:
     weights that were re-packed are dropped from memory (no second copy stays resident).
     """
     packing = available()
-    upsample_convs = set()
+    handled = set()  # layers a swapped parent module runs itself
     for module in model.modules():
         cls = _UPSAMPLES.get(type(module))
         if cls is not None and type(module.conv) is nn.Conv2d and _plain_float32(module.conv) \
@@ -169,11 +196,17 @@ def cpu_speed_up(model: nn.Module, release: bool = False) -> nn.Module:
                 and module.conv.stride == (1, 1) and module.conv.groups == 1:
             module.__class__ = cls
             module._prepare(release)
-            upsample_convs.add(id(module.conv))
+            handled.add(id(module.conv))
     if not packing:
         return model
     for module in model.modules():
-        if id(module) in upsample_convs or not _plain_float32(module):
+        if type(module) is unet_mod.GEGLU and type(module.proj) is nn.Linear and _plain_float32(module.proj) \
+                and module.proj.bias is not None:
+            module.__class__ = SplitGEGLU
+            module._prepare(release)
+            handled.add(id(module.proj))
+    for module in model.modules():
+        if id(module) in handled or not _plain_float32(module):
             continue
         if type(module) is nn.Conv2d and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
             module.packed = _ShapePacked(release)
