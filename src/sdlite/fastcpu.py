@@ -16,22 +16,43 @@ Accuracy against exact mode is measured in benchmarks/ and tested (PSNR of the d
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .quantize import Int8Conv2d, Int8Linear, drop_pages
 
 
+@functools.cache
 def available() -> bool:
-    """oneDNN's quantized convolution and linear operators exist in this PyTorch build, and the
-    CPU has VNNI (without it, uint8 x int8 products go through 16-bit intermediate sums that can
+    """oneDNN's quantized convolution and linear operators exist in this PyTorch build and
+    compute what they should (private operators: tried once on a small case), and the CPU has
+    VNNI (without it, uint8 x int8 products go through 16-bit intermediate sums that can
     saturate, and they would not be faster anyway)."""
     ops = torch.ops.onednn
     vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)
-    return torch.backends.mkldnn.is_available() and vnni() and all(
-        hasattr(ops, n) for n in ("qconv_prepack", "qconv2d_pointwise", "qlinear_prepack", "qlinear_pointwise"))
+    names = ("qconv_prepack", "qconv2d_pointwise", "qlinear_prepack", "qlinear_pointwise")
+    if not (torch.backends.mkldnn.is_available() and vnni() and all(hasattr(ops, n) for n in names)):
+        return False
+    try:
+        with torch.inference_mode():
+            g = torch.Generator().manual_seed(0)
+            conv, lin = nn.Conv2d(8, 4, 3, padding=1), nn.Linear(8, 4)
+            x = torch.randn(1, 8, 5, 6, generator=g)
+            ok = True
+            for layer, inp in ((conv, x), (lin, torch.randn(3, 8, generator=g))):
+                twin = (Int8Conv2d if layer is conv else Int8Linear).from_float(layer)
+                w = twin.weight.float() * twin.weight_scale.view(-1, *[1] * (twin.weight.ndim - 1))
+                q, scale, zp = quantize_input(inp)
+                xd = (q.float() - zp) * scale
+                ref = F.conv2d(xd, w, layer.bias, padding=1) if layer is conv else F.linear(xd, w, layer.bias)
+                ok = ok and torch.allclose(fast_int8(twin)(inp), ref, atol=1e-4)
+            return ok
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:

@@ -24,6 +24,8 @@ dropped once packed (they would be read again from the file if ever touched).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,12 +35,33 @@ from . import vae as vae_mod
 from .quantize import drop_pages
 
 
+@functools.cache
 def available() -> bool:
-    """oneDNN's pre-packed convolution and linear operators exist in this PyTorch build."""
+    """oneDNN's pre-packed convolution, transposed convolution and linear operators exist in
+    this PyTorch build and compute what they should (private operators: their signatures may
+    change between releases, so they are tried once on a small case instead of trusted)."""
     ops = torch.ops.mkldnn
-    return torch.backends.mkldnn.is_available() and all(
-        hasattr(ops, n) for n in ("_reorder_convolution_weight", "_convolution_pointwise",
-                                   "_reorder_linear_weight", "_linear_pointwise"))
+    names = ("_reorder_convolution_weight", "_convolution_pointwise", "_reorder_convolution_transpose_weight",
+             "_convolution_transpose_pointwise", "_reorder_linear_weight", "_linear_pointwise")
+    if not (torch.backends.mkldnn.is_available() and all(hasattr(ops, n) for n in names)):
+        return False
+    try:
+        with torch.inference_mode():
+            g = torch.Generator().manual_seed(0)
+            x, w = torch.randn(1, 8, 5, 6, generator=g), torch.randn(4, 8, 3, 3, generator=g)
+            conv = ops._convolution_pointwise(x, _pack_conv(w, (1, 1), (1, 1), (1, 1), 1, x.shape), None,
+                                              [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+            taps = transposed_taps(w)
+            packed = ops._reorder_convolution_transpose_weight(taps, [1, 1], [0, 0], [2, 2], [1, 1], 1, list(x.shape))
+            up = ops._convolution_transpose_pointwise(x, packed, None, [1, 1], [0, 0], [2, 2], [1, 1], 1, "none", [], "")
+            xl = torch.randn(3, 8, generator=g)
+            lin = ops._linear_pointwise(xl, ops._reorder_linear_weight(w[:, :, 0, 0].contiguous(), None), None,
+                                        "none", [], "")
+            return (torch.allclose(conv, F.conv2d(x, w, padding=1), atol=1e-4)
+                    and torch.allclose(up, F.conv2d(F.interpolate(x, scale_factor=2.0), w, padding=1), atol=1e-4)
+                    and torch.allclose(lin, xl @ w[:, :, 0, 0].t(), atol=1e-4))
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def _pack_conv(weight: torch.Tensor, padding, stride, dilation, groups: int, shape) -> torch.Tensor:
@@ -50,23 +73,26 @@ class _ShapePacked:
     """One packed form of a weight, for the last input shape seen. `release`: the weight is
     file-mapped; drop its pages after each packing (they come back from the file if needed)."""
 
-    __slots__ = ("shape", "packed", "release", "transposed")
+    __slots__ = ("entry", "release", "transposed")
 
     def __init__(self, release: bool, transposed: bool = False):
-        self.shape, self.packed, self.release, self.transposed = None, None, release, transposed
+        self.entry: tuple | None = None  # (input shape, packed weight), replaced as one object
+        self.release, self.transposed = release, transposed
 
     def get(self, weight: torch.Tensor, x: torch.Tensor, padding, stride, dilation, groups: int) -> torch.Tensor:
-        if self.shape != x.shape:
-            self.packed = None  # free the old form first
-            if self.transposed:
-                self.packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
-                    weight, list(padding), [0, 0], list(stride), list(dilation), groups, list(x.shape))
-            else:
-                self.packed = _pack_conv(weight, padding, stride, dilation, groups, x.shape)
-            self.shape = x.shape
-            if self.release:
-                drop_pages(weight)
-        return self.packed
+        entry = self.entry  # one read: another thread may replace it meanwhile
+        if entry is not None and entry[0] == x.shape:
+            return entry[1]
+        self.entry = None  # free the old form first
+        if self.transposed:
+            packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+                weight, list(padding), [0, 0], list(stride), list(dilation), groups, list(x.shape))
+        else:
+            packed = _pack_conv(weight, padding, stride, dilation, groups, x.shape)
+        self.entry = (x.shape, packed)
+        if self.release:
+            drop_pages(weight)
+        return packed
 
 
 def _packed_conv(x: torch.Tensor, packed: torch.Tensor, bias, padding, stride, dilation, groups: int):
