@@ -89,6 +89,25 @@ def test_swapped_models_equal_eager(component):
             assert_close(fast(ids), eager(ids), what="text encoder")
 
 
+def test_changed_weights_are_packed_again():
+    """Loading new weights into a swapped model (in place, or replacing the tensors) is seen."""
+    with torch.device("meta"):
+        meta = build_model("unet", TINY)
+    eager = randomized(meta.to_empty(device="cpu"), seed=6)
+    fast = kernels.cpu_speed_up(copy.deepcopy(eager))
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([50.0]), torch.randn(1, 77, TINY.text.width)
+    with torch.inference_mode():
+        fast(x, t, c)  # packs the first weights
+    new = randomized(copy.deepcopy(eager), seed=7)
+    fast.load_state_dict(new.state_dict())  # in place: version counters move
+    with torch.inference_mode():
+        assert_close(fast(x, t, c), new(x, t, c), what="after load_state_dict")
+    newer = randomized(copy.deepcopy(eager), seed=8)
+    fast.load_state_dict(newer.state_dict(), assign=True)  # new tensors
+    with torch.inference_mode():
+        assert_close(fast(x, t, c), newer(x, t, c), what="after load_state_dict(assign=True)")
+
+
 def test_other_layers_are_left_alone():
     """Cast-on-the-fly and int8 layers, and non-float32 weights, keep their own classes."""
     from sdlite.precision import compute_in

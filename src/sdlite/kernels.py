@@ -18,8 +18,10 @@ Swapped in from outside the model files (`cpu_speed_up(model)`), for float32 mod
 
 Results equal the eager model's within float32 rounding (different summation order; about
 1e-6 relative), which the parity tests check. The original weights stay the module parameters
-(state dicts are unchanged); `release=True` says they are file-mapped, so their pages can be
-dropped once packed (they would be read again from the file if ever touched).
+(state dicts are unchanged), and every derived form (packed weights, taps) is made on first use
+and made again if its weight is replaced or changed in place (e.g. by `load_state_dict`).
+`release=True` says the weights are file-mapped, so their pages can be dropped once packed
+(they would be read again from the file if ever touched).
 """
 
 from __future__ import annotations
@@ -69,30 +71,34 @@ def _pack_conv(weight: torch.Tensor, padding, stride, dilation, groups: int, sha
                                                         list(dilation), groups, list(shape))
 
 
-class _ShapePacked:
-    """One packed form of a weight, for the last input shape seen. `release`: the weight is
-    file-mapped; drop its pages after each packing (they come back from the file if needed)."""
+class _Derived:
+    """A value derived from a weight (its packed form, upsampling taps), made on first use and
+    made again when the weight was replaced or changed in place (its version counter moved, e.g.
+    `load_state_dict` into the model) or, for packed convolutions, the input shape changed.
+    `release`: the weight is file-mapped; drop its pages after each use of it (they come back
+    from the file if it is ever read again)."""
 
-    __slots__ = ("entry", "release", "transposed")
+    __slots__ = ("entry", "release")
 
-    def __init__(self, release: bool, transposed: bool = False):
-        self.entry: tuple | None = None  # (input shape, packed weight), replaced as one object
-        self.release, self.transposed = release, transposed
+    def __init__(self, release: bool = False):
+        self.entry: tuple | None = None  # (weight, (version, key), value): replaced as one object
+        self.release = release
 
-    def get(self, weight: torch.Tensor, x: torch.Tensor, padding, stride, dilation, groups: int) -> torch.Tensor:
-        entry = self.entry  # one read: another thread may replace it meanwhile
-        if entry is not None and entry[0] == x.shape:
-            return entry[1]
-        self.entry = None  # free the old form first
-        if self.transposed:
-            packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
-                weight, list(padding), [0, 0], list(stride), list(dilation), groups, list(x.shape))
-        else:
-            packed = _pack_conv(weight, padding, stride, dilation, groups, x.shape)
-        self.entry = (x.shape, packed)
+    def get(self, weight: torch.Tensor, key, make) -> torch.Tensor:
+        entry, stamp = self.entry, (_version(weight), key)  # one read: another thread may replace it
+        if entry is not None and entry[0] is weight and entry[1] == stamp:
+            return entry[2]
+        self.entry = None  # free the old value first
+        value = make()
+        self.entry = (weight, stamp, value)
         if self.release:
             drop_pages(weight)
-        return packed
+        return value
+
+
+def _version(t: torch.Tensor) -> int:
+    """The in-place modification counter; inference tensors have none (only replacing them is seen)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _packed_conv(x: torch.Tensor, packed: torch.Tensor, bias, padding, stride, dilation, groups: int):
@@ -100,25 +106,35 @@ def _packed_conv(x: torch.Tensor, packed: torch.Tensor, bias, padding, stride, d
                                                    groups, "none", [], "")
 
 
+def _packed_linear(x: torch.Tensor, cache: _Derived, weight: torch.Tensor, bias, rows: slice = slice(None),
+                   attr: str = "none"):
+    """x @ weight[rows].T + bias with the rows' packed form from `cache`; attr "gelu" applies
+    oneDNN's erf GELU to the output."""
+    packed = cache.get(weight, None, lambda: torch.ops.mkldnn._reorder_linear_weight(
+        weight.detach()[rows].contiguous(), None))
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], "none" if attr == "gelu" else "")
+
+
 class PackedConv2d(nn.Conv2d):
     """nn.Conv2d (zero padding) whose weight is re-ordered for oneDNN once per input shape."""
 
-    packed: _ShapePacked
+    packed: _Derived
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return super().forward(x)
-        w = self.packed.get(self.weight, x, self.padding, self.stride, self.dilation, self.groups)
+        w = self.packed.get(self.weight, x.shape, lambda: _pack_conv(self.weight, self.padding, self.stride,
+                                                                    self.dilation, self.groups, x.shape))
         return _packed_conv(x, w, self.bias, self.padding, self.stride, self.dilation, self.groups)
 
 
 class PackedLinear(nn.Linear):
-    packed: torch.Tensor
+    packed: _Derived
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return super().forward(x)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return _packed_linear(x, self.packed, self.weight, self.bias)
 
 
 def transposed_taps(w: torch.Tensor) -> torch.Tensor:
@@ -134,27 +150,25 @@ def transposed_taps(w: torch.Tensor) -> torch.Tensor:
         t0, t1, t2 = t.unbind(dim)
         return torch.stack([t2, t1 + t2, t0 + t1, t0], dim)
 
-    return fold(fold(w.double(), 2), 3).to(w.dtype).transpose(0, 1).contiguous()
+    return fold(fold(w.detach().double(), 2), 3).to(w.dtype).transpose(0, 1).contiguous()
 
 
 class _TransposedUpsample:
     """Mixin for the two Upsample classes (`self.conv` is the 3x3 conv after nearest x2):
     nearest x2 + conv as one transposed convolution."""
 
-    taps: torch.Tensor
-    packed: _ShapePacked | None
+    taps: _Derived
+    packed: _Derived
 
     def _prepare(self, release: bool) -> None:
-        self.taps = transposed_taps(self.conv.weight.detach())
-        self.packed = _ShapePacked(False, transposed=True) if available() else None  # taps are ours
-        if release:
-            drop_pages(self.conv.weight)
+        self.taps, self.packed = _Derived(release), _Derived()  # the packed taps are ours, not file pages
 
     def _up(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.conv_transpose2d(x, self.taps, self.conv.bias, stride=2, padding=1)
-        w = self.packed.get(self.taps, x, (1, 1), (2, 2), (1, 1), 1)
-        return torch.ops.mkldnn._convolution_transpose_pointwise(x, w, self.conv.bias, [1, 1], [0, 0], [2, 2],
+        weight = self.conv.weight
+        taps = self.taps.get(weight, None, lambda: transposed_taps(weight))
+        packed = self.packed.get(taps, x.shape, lambda: torch.ops.mkldnn._reorder_convolution_transpose_weight(
+            taps, [1, 1], [0, 0], [2, 2], [1, 1], 1, list(x.shape)))
+        return torch.ops.mkldnn._convolution_transpose_pointwise(x, packed, self.conv.bias, [1, 1], [0, 0], [2, 2],
                                                                  [1, 1], 1, "none", [], "")
 
 
@@ -176,25 +190,19 @@ class SplitGEGLU(unet_mod.GEGLU):
     """GEGLU as two packed linears, the gate's with oneDNN's (erf) GELU applied on its output:
     no (T, 2 inner) intermediate, no strided halves, one pass less (25 % faster at 64x64)."""
 
-    value_w: torch.Tensor
-    gate_w: torch.Tensor
-    value_b: torch.Tensor
-    gate_b: torch.Tensor
+    value: _Derived
+    gate: _Derived
 
     def _prepare(self, release: bool) -> None:
-        w, b = self.proj.weight.detach(), self.proj.bias.detach()
-        inner = w.shape[0] // 2
-        pack = torch.ops.mkldnn._reorder_linear_weight
-        self.value_w, self.gate_w = pack(w[:inner].contiguous(), None), pack(w[inner:].contiguous(), None)
-        self.value_b, self.gate_b = b[:inner].contiguous(), b[inner:].contiguous()
-        if release:
-            drop_pages(self.proj.weight)
+        self.value, self.gate = _Derived(release), _Derived(release)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return super().forward(x)
-        value = torch.ops.mkldnn._linear_pointwise(x, self.value_w, self.value_b, "none", [], "")
-        gate = torch.ops.mkldnn._linear_pointwise(x, self.gate_w, self.gate_b, "gelu", [], "none")
+        w, b = self.proj.weight, self.proj.bias
+        inner = w.shape[0] // 2
+        value = _packed_linear(x, self.value, w, b[:inner], slice(None, inner))
+        gate = _packed_linear(x, self.gate, w, b[inner:], slice(inner, None), attr="gelu")
         return value.mul_(gate)
 
 
@@ -213,7 +221,8 @@ def cpu_speed_up(model: nn.Module, release: bool = False) -> nn.Module:
     `release=True`: the weights are memory-mapped from the checkpoint file, so the pages of
     weights that were re-packed are dropped from memory (no second copy stays resident).
     """
-    packing = available()
+    if not available():
+        return model
     handled = set()  # layers a swapped parent module runs itself
     for module in model.modules():
         cls = _UPSAMPLES.get(type(module))
@@ -223,8 +232,6 @@ def cpu_speed_up(model: nn.Module, release: bool = False) -> nn.Module:
             module.__class__ = cls
             module._prepare(release)
             handled.add(id(module.conv))
-    if not packing:
-        return model
     for module in model.modules():
         if type(module) is unet_mod.GEGLU and type(module.proj) is nn.Linear and _plain_float32(module.proj) \
                 and module.proj.bias is not None:
@@ -235,11 +242,9 @@ def cpu_speed_up(model: nn.Module, release: bool = False) -> nn.Module:
         if id(module) in handled or not _plain_float32(module):
             continue
         if type(module) is nn.Conv2d and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
-            module.packed = _ShapePacked(release)
+            module.packed = _Derived(release)
             module.__class__ = PackedConv2d
         elif type(module) is nn.Linear:
-            module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
+            module.packed = _Derived(release)
             module.__class__ = PackedLinear
-            if release:
-                drop_pages(module.weight)
     return model
