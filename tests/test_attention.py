@@ -290,3 +290,23 @@ def test_chunked_peak_resident_memory():
     print(f"[mem] extra peak RSS, T=8192 B*h=2: chunked {chunked:.0f} MiB, plain {plain:.0f} MiB")
     assert plain >= 400, f"control: the plain formula should need ~512 MiB, measured {plain:.0f} MiB"
     assert chunked <= 64, f"chunked attention raised the peak by {chunked:.0f} MiB"
+
+
+@pytest.mark.parametrize("mode", ["sdpa", "chunked"])
+def test_unet_traces_without_graph_breaks(mode):
+    """Fast mode on CUDA runs torch.compile on the UNet: a graph break (the attention setting once
+    read a ContextVar, which dynamo cannot trace) would silently fall back to eager per block."""
+    import torch._dynamo
+
+    from sdlite.checkpoint import build_model
+    from sdlite.config import TINY
+
+    with torch.device("meta"):
+        unet = build_model("unet", TINY)
+    unet = unet.to_empty(device="cpu").eval()
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 77, TINY.text.width)
+    torch._dynamo.reset()
+    with attention_mode(mode, 16):
+        explanation = torch._dynamo.explain(unet)(x, t, c)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
