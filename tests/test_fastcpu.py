@@ -36,17 +36,17 @@ def psnr(a, b) -> float:
 def test_quantize_input_round_trip(shift):
     x = torch.randn(2, 8, 5, 7) + shift
     x[0, 0, 0, 0] = 0.0
-    q, scale, zp = fastcpu.quantize_input(x)
-    assert q.dtype == torch.uint8 and q.shape == x.shape
+    q, scale, zp, finite = fastcpu.quantize_input(x)
+    assert finite and q.dtype == torch.uint8 and q.shape == x.shape
     back = (q.float() - zp) * scale
     assert (back - x).abs().max() <= scale / 2 + 1e-6
     assert 0 <= zp <= 255 and q[0, 0, 0, 0] == zp  # zero is exact: convolution's zero padding stays exact
-    q0, s0, z0 = fastcpu.quantize_input(torch.zeros(3, 4))
+    q0, s0, z0, _ = fastcpu.quantize_input(torch.zeros(3, 4))
     assert s0 == 1.0 and z0 == 0 and not q0.any()
 
 
 def _dequantized_input(x):
-    q, scale, zp = fastcpu.quantize_input(x)
+    q, scale, zp, _ = fastcpu.quantize_input(x)
     return (q.float() - zp) * scale
 
 
@@ -74,6 +74,10 @@ def test_fast_layers_compute_the_quantized_product(kind):
         ref = layer(x)
         err = ((y - ref).norm() / ref.norm()).item()
     assert err < 0.02, f"{kind}: relative error {err:.4f} against the float layer"
+    bad = x.clone()
+    bad.view(-1)[3] = float("nan")
+    with torch.inference_mode():
+        assert fast(bad).isnan().all()  # a diverged input stays visible, as in the float layer
 
 
 @needs_fast

@@ -17,6 +17,7 @@ Accuracy against exact mode is measured in benchmarks/ and tested (PSNR of the d
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -46,7 +47,7 @@ def available() -> bool:
             for layer, inp in ((conv, x), (lin, torch.randn(3, 8, generator=g))):
                 twin = (Int8Conv2d if layer is conv else Int8Linear).from_float(layer)
                 w = twin.weight.float() * twin.weight_scale.view(-1, *[1] * (twin.weight.ndim - 1))
-                q, scale, zp = quantize_input(inp)
+                q, scale, zp, _ = quantize_input(inp)
                 xd = (q.float() - zp) * scale
                 ref = F.conv2d(xd, w, layer.bias, padding=1) if layer is conv else F.linear(xd, w, layer.bias)
                 ok = ok and torch.allclose(fast_int8(twin)(inp), ref, atol=1e-4)
@@ -55,18 +56,24 @@ def available() -> bool:
         return False
 
 
-def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    """x (float32) -> (uint8 tensor of the same shape and memory format, scale, zero point)."""
-    lo, hi = torch.aminmax(x)
-    lo, hi = min(lo.item(), 0.0), max(hi.item(), 0.0)
+def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, float, int, bool]:
+    """x (float32) -> (uint8 tensor of the same shape and memory format, scale, zero point,
+    whether x was all finite). NaN/inf values (a diverged run) quantize as 0 and the layer then
+    returns NaN, so they reach the pipeline's finite-latents check as in exact mode."""
+    lo, hi = (v.item() for v in torch.aminmax(x))
+    finite = math.isfinite(lo) and math.isfinite(hi)
+    if not finite:
+        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (v.item() for v in torch.aminmax(x))
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = (hi - lo) / 255.0
-    if not scale > 0.0:  # all zeros (or NaN: let it propagate through the float path)
+    if not scale > 0.0:  # all zeros
         scale = 1.0
     zero_point = min(255, max(0, round(-lo / scale)))
     with warnings.catch_warnings():  # quantized tensors are "deprecated", the fused kernel is not gone
         warnings.simplefilter("ignore")
         q = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
-    return q, scale, zero_point
+    return q, scale, zero_point, finite
 
 
 def _release(module: nn.Module) -> None:
@@ -85,9 +92,10 @@ class FastInt8Linear(Int8Linear):
         _release(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale, zp = quantize_input(x)
-        return torch.ops.onednn.qlinear_pointwise(q, scale, zp, self.packed, self.weight_scale, self.zero_points,
-                                                  self.bias, 1.0, 0, torch.float32, "none", [], "")
+        q, scale, zp, finite = quantize_input(x)
+        y = torch.ops.onednn.qlinear_pointwise(q, scale, zp, self.packed, self.weight_scale, self.zero_points,
+                                               self.bias, 1.0, 0, torch.float32, "none", [], "")
+        return y if finite else y.fill_(float("nan"))
 
 
 class FastInt8Conv2d(Int8Conv2d):
@@ -104,11 +112,12 @@ class FastInt8Conv2d(Int8Conv2d):
         _release(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale, zp = quantize_input(x.contiguous(memory_format=torch.channels_last))
-        return torch.ops.onednn.qconv2d_pointwise(q, scale, zp, self.packed, self.weight_scale, self.zero_points,
-                                                  self.bias, list(self.stride), list(self.padding),
-                                                  list(self.dilation), self.groups, 1.0, 0, torch.float32,
-                                                  "none", [], "")
+        q, scale, zp, finite = quantize_input(x.contiguous(memory_format=torch.channels_last))
+        y = torch.ops.onednn.qconv2d_pointwise(q, scale, zp, self.packed, self.weight_scale, self.zero_points,
+                                               self.bias, list(self.stride), list(self.padding),
+                                               list(self.dilation), self.groups, 1.0, 0, torch.float32,
+                                               "none", [], "")
+        return y if finite else y.fill_(float("nan"))
 
 
 _SWAPS = {Int8Linear: FastInt8Linear, Int8Conv2d: FastInt8Conv2d}
