@@ -58,6 +58,20 @@ def unet_flops(unet, x, t, c) -> int:
     return counter.get_total_flops()
 
 
+def sd_unet_flops(size: int) -> int:
+    """FLOPs of one SD v1 UNet call (CFG batch 2) at size x size, counted on the meta device."""
+    import torch
+
+    from sdlite.checkpoint import build_model
+    from sdlite.config import SD_V1
+
+    lat = size // 8
+    with torch.device("meta"):
+        meta_unet = build_model("unet", SD_V1)
+    return unet_flops(meta_unet, torch.zeros(2, 4, lat, lat, device="meta"), torch.zeros(2, device="meta"),
+                      torch.zeros(2, 77, 768, device="meta"))
+
+
 # ---------------------------------------------------------------------------- implementations
 
 
@@ -105,35 +119,13 @@ class DiffusersRunner:
 
 
 def measure(runner, name, device, dtype, size, steps, reps, flops) -> dict:
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    lat = size // 8
-    x = torch.randn(2, 4, lat, lat, generator=g).to(device, dtype)
-    t = torch.tensor([500.0, 500.0], device=device)
-    c = torch.randn(2, 77, 768, generator=g).to(device, dtype)
-    unet = runner.unet()
-    t_warm0 = time.perf_counter()
-    with torch.inference_mode():
-        unet(x, t, c)
-        sync(device)
-        warmup = time.perf_counter() - t_warm0
-        calls = timed(lambda: unet(x, t, c), device, max(3, reps * 2))
-    runner.generate(size, steps, seed=1)  # warm: allocator, graphs for the real shapes
-    stamps: list[float] = []
-    e2e = timed(lambda: runner.generate(size, steps, seed=1, callback=lambda *a: stamps.append(time.perf_counter())),
-                device, reps)
-    intervals = [b - a for a, b in zip(stamps, stamps[1:]) if b - a > 0]
-    per_call = statistics.median(calls)
-    return {"name": name, "device": device, "size": size, "steps": steps, "unet_call_s": per_call,
-            "unet_call_first_s": warmup, "tflops": flops / per_call / 1e12 if flops else None,
-            "step_s": statistics.median(intervals) if intervals else None,
-            "e2e_s": statistics.median(e2e), "e2e_all": e2e}
+    """One runner warm: its UNet call (2 per repetition), per-step and end-to-end times."""
+    return measure_interleaved([(name, runner)], device, dtype, size, steps, reps, flops)[0]
 
 
 def measure_interleaved(runners, device, dtype, size, steps, reps, flops) -> list[dict]:
-    """Like `measure`, for several runners at once, in round-robin order (A B C A B C ...), so
-    that a slow drift of this shared machine's speed falls on every variant alike."""
+    """`measure` for several runners at once, in round-robin order (A B C A B C ...), so that a
+    slow drift of this shared machine's speed falls on every variant alike."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -165,7 +157,7 @@ def measure_interleaved(runners, device, dtype, size, steps, reps, flops) -> lis
                      "unet_call_first_s": st["warmup"], "tflops": flops / per_call / 1e12 if flops else None,
                      "step_s": statistics.median(st["stamps"]) if st["stamps"] else None,
                      "e2e_s": statistics.median(st["e2e"]), "e2e_all": st["e2e"], "calls_all": st["calls"],
-                     "order": "interleaved"})
+                     "order": "interleaved" if len(runners) > 1 else "one variant at a time"})
     return rows
 
 
@@ -221,19 +213,9 @@ def main(argv=None) -> int:
     rows = []
     flops = {}
     if args.interleave:
-        from sdlite.checkpoint import build_model
-        from sdlite.config import SD_V1
-
-        runners = []
-        for name, make in variants:
-            t0 = time.perf_counter()
-            runners.append((name, make()))
+        runners = [(name, make()) for name, make in variants]
         for size in sizes:
-            lat = size // 8
-            with torch.device("meta"):
-                meta_unet = build_model("unet", SD_V1)
-            flops[size] = unet_flops(meta_unet, torch.zeros(2, 4, lat, lat, device="meta"),
-                                     torch.zeros(2, device="meta"), torch.zeros(2, 77, 768, device="meta"))
+            flops[size] = sd_unet_flops(size)
             for row in measure_interleaved(runners, args.device, dtype, size, steps, args.reps, flops[size]):
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
@@ -245,14 +227,7 @@ def main(argv=None) -> int:
         load_s = time.perf_counter() - t0
         for size in sizes:
             if size not in flops:
-                lat = size // 8
-                from sdlite.checkpoint import build_model
-                from sdlite.config import SD_V1
-
-                with torch.device("meta"):
-                    meta_unet = build_model("unet", SD_V1)
-                flops[size] = unet_flops(meta_unet, torch.zeros(2, 4, lat, lat, device="meta"),
-                                         torch.zeros(2, device="meta"), torch.zeros(2, 77, 768, device="meta"))
+                flops[size] = sd_unet_flops(size)
             row = measure(runner, name, args.device, dtype, size, steps, args.reps, flops[size])
             row["load_s"] = load_s
             rows.append(row)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import assert_close
+from refmodels import randomize_
 from sdlite import kernels, unet as unet_mod, vae as vae_mod
 from sdlite.checkpoint import build_model, open_checkpoint
 from sdlite.config import TINY
@@ -23,12 +24,8 @@ def test_kernels_are_available_on_this_build():
     assert kernels.available()
 
 
-def randomized(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
+def randomized(meta: nn.Module, seed: int) -> nn.Module:
+    return randomize_(meta, seed).eval()
 
 
 @pytest.mark.parametrize("channels,out_channels,h,w", [(8, 8, 5, 7), (16, 24, 8, 8), (3, 5, 1, 1)])
@@ -61,7 +58,7 @@ def test_upsample_swaps_match_and_keep_odd_sizes():
 def test_swapped_models_equal_eager(component):
     with torch.device("meta"):
         meta = build_model(component, TINY)
-    eager = randomized(meta.to_empty(device="cpu"), seed=3)
+    eager = randomized(meta, seed=3)
     state = {k: v.clone() for k, v in eager.state_dict().items()}
     fast = kernels.cpu_speed_up(copy.deepcopy(eager))
     kinds = {type(m) for m in fast.modules()}
@@ -93,7 +90,7 @@ def test_changed_weights_are_packed_again():
     """Loading new weights into a swapped model (in place, or replacing the tensors) is seen."""
     with torch.device("meta"):
         meta = build_model("unet", TINY)
-    eager = randomized(meta.to_empty(device="cpu"), seed=6)
+    eager = randomized(meta, seed=6)
     fast = kernels.cpu_speed_up(copy.deepcopy(eager))
     x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([50.0]), torch.randn(1, 77, TINY.text.width)
     with torch.inference_mode():
@@ -114,7 +111,7 @@ def test_other_layers_are_left_alone():
 
     with torch.device("meta"):
         meta = build_model("unet", TINY)
-    half = randomized(meta.to_empty(device="cpu"), seed=5).half()
+    half = randomized(meta, seed=5).half()
     compute_in(half, torch.float32)
     before = [type(m) for m in half.modules()]
     kernels.cpu_speed_up(half)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import LargestOutput
+from refmodels import randomize_
 from sdlite import tiling
 from sdlite.attention import attention_mode
 from sdlite.checkpoint import build_model, open_checkpoint
@@ -281,17 +282,7 @@ def full_vae():
     """The SD v1 VAE architecture with seeded random weights (built on meta, no reference pipeline)."""
     with torch.device("meta"):
         model = build_model("vae", SD_V1)
-    model.to_empty(device="cpu")
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval().requires_grad_(False)
+    return randomize_(model, 11).eval().requires_grad_(False)
 
 
 # Full SD VAE (random weights), 32x32 latents in 2x2 tiles of 20 with an overlap of 8.
