@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,3 +81,42 @@ class LargestOutput(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+class LivePeak(TorchDispatchMode):
+    """The peak of the bytes held by tensors that aten ops created while the mode was on
+    (activations; weights and inputs made before it do not count). A storage counts from the
+    op that made it until the last tensor viewing it (any op output) is gone."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, list] = {}  # storage address -> [bytes, live tensors viewing it]
+        self.current = self.peak = 0
+
+    def _drop(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0:
+                continue
+            entry = self.live.get(key)
+            if entry is None:
+                entry = self.live[key] = [storage.nbytes(), 0]
+                self.current += entry[0]
+                self.peak = max(self.peak, self.current)
+            entry[1] += 1
+            weakref.finalize(t, self._drop, key)
+        return out
+

@@ -17,7 +17,9 @@ Front doors `decode` / `encode` take `tiling="auto" | "on" | "off"`:
 - "on": always tiled (one untiled call when the input fits in one tile).
 - "auto" (default): one image at a time (exact: the VAE has no cross-batch op); an image is
   tiled when it has more than AUTO_MAX_LATENT_PIXELS latent pixels, and an untiled call that runs
-  out of memory is retried in tiles with a warning.
+  out of memory is retried in tiles with a warning. Untiled decodes of large images run their
+  full-resolution levels in bands of rows (`streaming.py`: the same result within float
+  rounding, about half the activation memory).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from . import streaming
 from .errors import InputError
 
 TILINGS = ("auto", "on", "off")
@@ -57,7 +60,8 @@ def decode(vae, z: torch.Tensor, tiling: str = "auto", tile: int | None = None,
         return vae.decode(z)
     if tiling == "on":
         return tiled_decode(vae, z, tile, overlap)
-    return torch.cat([_auto(vae.decode, lambda x: tiled_decode(vae, x, tile, overlap), z[i : i + 1],
+    return torch.cat([_auto(lambda x: streaming.decode(vae, x), lambda x: tiled_decode(vae, x, tile, overlap),
+                            z[i : i + 1],
                             z.shape[-2] * z.shape[-1], "decode")
                       for i in range(z.shape[0])])
 

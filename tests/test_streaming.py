@@ -1,0 +1,137 @@
+"""Streamed (row-band) VAE decode: equals the plain decode within float rounding for every kind
+of layer the pipeline uses, and holds much less activation memory (counted op by op)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import LivePeak
+from refmodels import randomize_
+from sdlite import streaming, tiling
+from sdlite.checkpoint import open_checkpoint
+from sdlite.config import SD_V1
+from sdlite.kernels import available as kernels_available, cpu_speed_up
+from sdlite.precision import compute_in
+from sdlite.vae import AutoencoderKL
+
+
+def latents(shape, seed=0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def full_vae():
+    with torch.device("meta"):
+        vae = AutoencoderKL(SD_V1.vae)
+    return randomize_(vae, 7).eval()
+
+
+@pytest.fixture
+def tiny_bands(monkeypatch):
+    """Stream everything, in bands of a few rows (the tiny VAE's maps are small)."""
+    monkeypatch.setattr(streaming, "STREAM_ABOVE_BYTES", 0)
+    monkeypatch.setattr(streaming, "BAND_BYTES", 2048)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tiny):
+    return open_checkpoint(tiny.folder).load("vae")
+
+
+def test_needs_streaming_threshold(full_vae):
+    # SD: the 256-channel input of the full-resolution level is 64 MiB at 256x256 in float32
+    assert not streaming.needs_streaming(full_vae, latents((1, 4, 32, 32)), torch.float32)
+    assert streaming.needs_streaming(full_vae, latents((1, 4, 40, 32)), torch.float32)
+    assert streaming.needs_streaming(full_vae, latents((1, 4, 64, 64)), torch.float16)
+    assert not streaming.needs_streaming(full_vae, latents((1, 4, 40, 32)), torch.float16)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 16, 12), (1, 4, 13, 10), (1, 4, 9, 40)])
+def test_tiny_streamed_equals_plain(tiny_vae, tiny_bands, shape):
+    z = latents(shape)
+    with torch.inference_mode():
+        ref = tiny_vae.decode(z)
+        out = streaming.decode(tiny_vae, z)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() < 2e-5 * ref.abs().max().item()
+
+
+def test_bands_really_split(tiny_vae, tiny_bands, monkeypatch):
+    """With the tiny budget every map is cut in several bands and input bands are freed."""
+    seen, freed = [], []
+    make, free = streaming.Banded.__init__, streaming._norm_act_conv
+
+    def record(self, bands):
+        seen.append(len(bands))
+        make(self, bands)
+
+    def record_free(x, *args, **kwargs):
+        out = free(x, *args, **kwargs)
+        freed.append(all(b is None for b in x.bands) if kwargs.get("consume") else None)
+        return out
+
+    monkeypatch.setattr(streaming.Banded, "__init__", record)
+    monkeypatch.setattr(streaming, "_norm_act_conv", record_free)
+    with torch.inference_mode():
+        streaming.decode(tiny_vae, latents((1, 4, 16, 16)))
+    assert max(seen) >= 4
+    assert any(f is True for f in freed) and all(f in (True, None) for f in freed)
+
+
+@pytest.mark.parametrize("kind", ["kernels", "fp16-stored", "bf16"])
+def test_tiny_streamed_equals_plain_for_each_layer_kind(tiny, tiny_bands, kind):
+    vae = open_checkpoint(tiny.folder).load("vae")
+    z, dtype = latents((1, 4, 12, 16)), torch.float32
+    if kind == "kernels":
+        if not kernels_available():
+            pytest.fail("oneDNN kernels unavailable on this CPU build (they are expected on x86 Linux)")
+        cpu_speed_up(vae)
+    elif kind == "fp16-stored":
+        vae = compute_in(vae.half(), torch.float32)
+    else:
+        vae, dtype = vae.to(torch.bfloat16), torch.bfloat16
+    with torch.inference_mode():
+        ref = vae.decode(z.to(dtype)).float()
+        out = streaming.decode(vae, z.to(dtype)).float()
+    tol = 2e-5 if dtype == torch.float32 else 0.05
+    assert (out - ref).abs().max().item() < tol * ref.abs().max().item()
+
+
+def test_full_sd_streamed_equals_plain(full_vae):
+    """The SD decoder at 320x320 (streams in float32): max abs diff within float rounding."""
+    z = latents((1, 4, 40, 40), seed=3)
+    assert streaming.needs_streaming(full_vae, z, torch.float32)
+    with torch.inference_mode():
+        ref = full_vae.decode(z)
+        out = streaming.decode(full_vae, z)
+    assert (out - ref).abs().max().item() < 2e-5 * ref.abs().max().item()  # measured 3.8e-6 of 3.76
+
+
+def test_full_sd_streamed_holds_half_the_activations(full_vae):
+    """Peak bytes of live activations, counted at every aten op: the streamed 384x384 decode
+    holds under 0.62x of what the plain decode holds (measured 202 vs 360 MiB: 0.56x; 0.56x at
+    512x512: 358 vs 640 MiB)."""
+    z = latents((1, 4, 48, 48), seed=4)
+    peaks = {}
+    with torch.inference_mode():
+        for name, fn in (("plain", full_vae.decode), ("streamed", lambda z: streaming.decode(full_vae, z))):
+            with LivePeak() as counter:
+                out = fn(z)
+            del out
+            peaks[name] = counter.peak
+    output_bytes = 3 * 384 * 384 * 4
+    assert peaks["plain"] > 10 * output_bytes  # sanity: the counter sees the activations
+    assert peaks["streamed"] < 0.62 * peaks["plain"], peaks
+
+
+def test_auto_decode_streams_large_images(tiny_vae, tiny_bands, monkeypatch):
+    calls = []
+    real = streaming.decode
+    monkeypatch.setattr(streaming, "decode", lambda vae, z: calls.append(tuple(z.shape)) or real(vae, z))
+    z = latents((2, 4, 10, 12))
+    with torch.inference_mode():
+        out = tiling.decode(tiny_vae, z, "auto")
+        plain = tiling.decode(tiny_vae, z, "off")
+    assert calls == [(1, 4, 10, 12), (1, 4, 10, 12)]  # one image at a time
+    assert (out - plain).abs().max().item() < 2e-5 * plain.abs().max().item()
