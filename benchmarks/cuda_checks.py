@@ -1,7 +1,8 @@
 """Accuracy checks that need a GPU, on the full random-weight SD v1.5 checkpoint (fp16, CUDA):
 - CUDA graphs (exact mode) vs eager: identical latents;
 - sdlite vs diffusers, same seed and settings: PSNR of the decoded images and max latent diff;
-- fast mode (torch.compile) vs exact mode: PSNR of the decoded images (target >= 40 dB).
+- fast mode (torch.compile) vs exact mode: PSNR of the decoded images (target >= 40 dB);
+- the streamed VAE decode (streaming.py) vs the plain one: max diff, time, peak allocated.
 
     python benchmarks/cuda_checks.py [--steps 20] [--json OUT]
 """
@@ -46,9 +47,14 @@ def main(argv=None) -> int:
     prompt = "a photograph of an astronaut riding a horse"
 
     eager = StableDiffusion(path, device="cuda", cuda_graphs=False).txt2img(prompt, **kw)
-    graphs = StableDiffusion(path, device="cuda").txt2img(prompt, **kw)
+    graphs_sd = StableDiffusion(path, device="cuda")
+    graphs = graphs_sd.txt2img(prompt, **kw)
     out["graphs_vs_eager_latent_max_diff"] = (graphs.latents - eager.latents).abs().max().item()
     out["graphs_vs_eager_psnr"] = psnr(graphs.images[0], eager.images[0])
+
+    out["streamed_decode"] = streamed_vs_plain(graphs_sd, graphs.latents)
+    del graphs_sd
+    torch.cuda.empty_cache()
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -75,6 +81,31 @@ def main(argv=None) -> int:
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
     return 0
+
+
+def streamed_vs_plain(sd, latents) -> dict:
+    """One 512x512 decode both ways on the GPU: max abs diff, seconds (3rd of 3 runs) and the
+    activations' peak (max_memory_allocated above what was allocated before)."""
+    import torch
+
+    from sdlite import streaming
+
+    z = (latents / sd.config.vae.scale_factor).to("cuda", sd.dtype)
+    res = {}
+    with torch.inference_mode():
+        for name, fn in (("plain", sd.vae.decode), ("streamed", lambda z: streaming.decode(sd.vae, z))):
+            for _ in range(3):
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                img = fn(z)
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - t0
+            res[name] = {"seconds": seconds, "activations_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+            res[name + "_image"] = img.float().cpu()
+    res["max_abs_diff"] = (res.pop("streamed_image") - res.pop("plain_image")).abs().max().item()
+    return res
 
 
 if __name__ == "__main__":
