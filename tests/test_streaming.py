@@ -110,8 +110,8 @@ def test_full_sd_streamed_equals_plain(full_vae):
 
 def test_full_sd_streamed_holds_half_the_activations(full_vae):
     """Peak bytes of live activations, counted at every aten op: the streamed 384x384 decode
-    holds under 0.62x of what the plain decode holds (measured 202 vs 360 MiB: 0.56x; 0.56x at
-    512x512: 358 vs 640 MiB)."""
+    holds under 0.6x of what the plain decode holds (measured 191 vs 360 MiB: 0.53x; 0.51x at
+    512x512: 327 vs 640 MiB)."""
     z = latents((1, 4, 48, 48), seed=4)
     peaks = {}
     with torch.inference_mode():
@@ -122,7 +122,7 @@ def test_full_sd_streamed_holds_half_the_activations(full_vae):
             peaks[name] = counter.peak
     output_bytes = 3 * 384 * 384 * 4
     assert peaks["plain"] > 10 * output_bytes  # sanity: the counter sees the activations
-    assert peaks["streamed"] < 0.62 * peaks["plain"], peaks
+    assert peaks["streamed"] < 0.6 * peaks["plain"], peaks
 
 
 def test_auto_decode_streams_large_images(tiny_vae, tiny_bands, monkeypatch):
@@ -135,3 +135,20 @@ def test_auto_decode_streams_large_images(tiny_vae, tiny_bands, monkeypatch):
         plain = tiling.decode(tiny_vae, z, "off")
     assert calls == [(1, 4, 10, 12), (1, 4, 10, 12)]  # one image at a time
     assert (out - plain).abs().max().item() < 2e-5 * plain.abs().max().item()
+
+
+@pytest.mark.parametrize("offset", [0.0, 300.0, 3000.0])
+def test_group_norm_statistics_survive_a_large_mean(offset):
+    """Band statistics are shifted sums: a mean far from zero against the spread costs no more
+    accuracy than torch's own GroupNorm (plain float32 sums of x^2 lost 100x more at 300)."""
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(8, 32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(32))
+        norm.bias.copy_(0.05 * torch.randn(32))
+        x = torch.randn(2, 32, 40, 24) + offset
+        ref = torch.nn.functional.group_norm(x.double(), 8, norm.weight.double(), norm.bias.double(), 1e-6)
+        a, b = streaming._group_norm_affine(streaming.Banded.split(x, 7), norm)
+        ours = (x * a + b).double()
+        torch_err = (norm(x).double() - ref).abs().max().item()
+    assert (ours - ref).abs().max().item() <= 3 * torch_err + 1e-6
