@@ -264,7 +264,8 @@ def _generation_parent() -> argparse.ArgumentParser:
     g.add_argument("--attention-chunk", type=_positive_int, metavar="N",
                    help="block size of chunked attention (query rows and key columns; default 1024)")
     g.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
-                   help="decode/encode the VAE in overlapping tiles: auto = above 768 px a side or on out-of-memory")
+                   help="decode/encode the VAE in overlapping tiles: auto = above 768 px a side or on out-of-memory "
+                        "(below that, large decodes run in exact row bands); off = plain one-call decode")
     g.add_argument("--fast", action="store_true",
                    help="fast mode (not exact): torch.compile on CUDA (a one-time warm-up; within 40 dB PSNR of exact); "
                         "int8 x int8 UNet products on a CPU with VNNI (within 35 dB PSNR of exact)")
