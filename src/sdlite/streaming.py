@@ -1,4 +1,4 @@
-"""Exact low-memory VAE decode: the decoder's upsampling levels run in bands of rows.
+"""Exact low-memory VAE decode (and encode): the full-resolution levels run in bands of rows.
 
 The plain SD decoder at 512x512 holds, at its peak, the 256-channel input of the full-resolution
 level, that input's GroupNorm output and two 128-channel maps: 640 MiB of float32 activations
@@ -9,17 +9,22 @@ output band by band from the input rows it needs (a 3x3 convolution needs one ro
 one below):
 
 - GroupNorm needs statistics of the whole map: per-channel sums (of x minus a per-channel
-  shift, and of its square) are gathered band by band first, then each band is normalised as `x * a + b` with per-channel `a`, `b` (the
-  fused form GroupNorm computes too), SiLU is applied in place and the convolution runs on it.
+  shift, and of its square) are gathered band by band first, then each band is normalised as
+  `x * a + b` with per-channel `a`, `b` (the fused form GroupNorm computes too), SiLU is applied
+  in place and the convolution runs on it.
 - Input bands are freed as soon as no later output band needs them, so a layer's input shrinks
   while its output grows: 327 MiB at 512x512 instead of 640 (tests/test_streaming.py counts it).
 - The layers themselves are called as they are (plain, packed-kernel, int8 or cast-dtype
   modules alike) on slabs of `rows + 2` rows with zero rows at the image edges; the two
   boundary output rows are dropped. Each output element is the same sum as in the full
   convolution, so the result equals the plain decode within float rounding (3.3e-6 max abs
-  diff at 512x512 in float32), and it is no slower (CPU: about 5 % faster, the bands stay in cache).
+  diff at 512x512 in float32), and it is no slower (CPU: about 5 % faster, the bands stay in
+  cache).
 
-The mid block (attention over all pixels) runs whole: its maps are 64x smaller.
+The mid block (attention over all pixels) runs whole: its maps are 64x smaller. `encode` does
+the same for the encoder's downsampling levels (conv_in, resnets, the stride-2 convolutions):
+314 instead of 512 MiB at 512x512 (a resnet block must keep its input for the residual add
+while its first convolution's output is made, so two full maps remain).
 """
 
 from __future__ import annotations
@@ -104,14 +109,17 @@ class Banded:
 
 
 def needs_streaming(vae, z: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether the decode of `z` has an activation above STREAM_ABOVE_BYTES."""
+    """Whether the decode of latents `z` has an activation above STREAM_ABOVE_BYTES."""
     cfg = vae.cfg
     widths = [cfg.ch * m for m in cfg.ch_mult]
     f = cfg.downscale
     n, _, h, w = z.shape
     # the largest map: the input of the full-resolution level (the width of the level below it)
-    biggest = n * max(widths[:2]) * h * f * w * f
-    return biggest * torch.finfo(dtype).bits // 8 > STREAM_ABOVE_BYTES
+    return _bytes(n, max(widths[:2]), h * f, w * f, dtype) > STREAM_ABOVE_BYTES
+
+
+def _bytes(n: int, c: int, h: int, w: int, dtype: torch.dtype) -> int:
+    return n * c * h * w * torch.finfo(dtype).bits // 8
 
 
 @torch.no_grad()
@@ -132,11 +140,32 @@ def decode(vae, z: torch.Tensor) -> torch.Tensor:
     return _norm_act_conv(x, dec.norm_out, dec.conv_out, consume=True).whole()
 
 
-def _band_rows(x: torch.Tensor | Banded) -> int:
-    """Rows per band for a map: the whole height when it is small, else the height halved
-    until one band is at most BAND_BYTES (at least 8 rows)."""
+@torch.no_grad()
+def encode(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`vae.encode(x)` (images -> posterior mean, logvar) with the downsampling levels computed
+    band by band; small images run `vae.encode` as is."""
+    enc = vae.encoder
+    n, _, h, w = x.shape
+    if _bytes(n, vae.cfg.ch, h, w, x.dtype) <= STREAM_ABOVE_BYTES:  # conv_in's output, the largest map
+        return vae.encode(x)
+    # bands sized for conv_in's 128-channel output, not for the 3-channel image
+    y = _norm_act_conv(Banded.split(x, _band_rows(x, vae.cfg.ch)), None, enc.conv_in, consume=True)
+    for level in enc.down:
+        for layer in level.layers():
+            y = _resnet(layer, y) if hasattr(layer, "norm1") else _downsample(layer, y)
+    features = y.whole()
+    del y
+    for layer in enc.mid.layers():
+        features = layer(features)
+    return vae.posterior(enc.conv_out(F.silu(enc.norm_out(features), inplace=True)))
+
+
+def _band_rows(x: torch.Tensor | Banded, channels: int | None = None) -> int:
+    """Rows per band for a map (with `channels` instead of its own, for a layer's output): the
+    whole height when it is small, else the height halved until one band is at most BAND_BYTES
+    (at least 8 rows)."""
     n, c, h, w = x.shape
-    size = n * c * h * w * torch.finfo(x.dtype).bits // 8
+    size = _bytes(n, channels or c, h, w, x.dtype)
     rows = h
     while size * rows / h > BAND_BYTES and rows % 2 == 0 and rows // 2 >= 8:
         rows //= 2
@@ -157,16 +186,16 @@ def _resnet(block: nn.Module, x: Banded) -> Banded:
     return _norm_act_conv(h, block.norm2, block.conv2, consume=True, residual=s)
 
 
-def _norm_act_conv(x: Banded, norm: nn.GroupNorm, conv: nn.Module, *, consume: bool = False,
+def _norm_act_conv(x: Banded, norm: nn.GroupNorm | None, conv: nn.Module, *, consume: bool = False,
                    on_consumed=None, residual: Banded | None = None) -> Banded:
-    """conv(silu(norm(x))) [+ residual], band by band.
+    """conv(silu(norm(x))) [+ residual], band by band; conv(x) when norm is None.
 
     consume: free x's bands once used (on_consumed(band) is called on each first); residual is
     added to each output band in place and freed as it goes.
     """
-    a, b = _group_norm_affine(x, norm)
+    a, b = _group_norm_affine(x, norm) if norm is not None else (None, None)
     height = x.height
-    rows = _band_rows(x)
+    rows = _band_rows(x, max(x.shape[1], getattr(conv, "out_channels", 0)))  # the larger of input and output
     out = []
     done = 0  # bands of x handed to on_consumed
 
@@ -178,8 +207,11 @@ def _norm_act_conv(x: Banded, norm: nn.GroupNorm, conv: nn.Module, *, consume: b
 
     for lo in range(0, height, rows):
         hi = min(lo + rows, height)
-        slab = x.slab(lo, hi, normalize)
-        F.silu(slab, inplace=True)
+        if norm is None:
+            slab = x.slab(lo, hi)
+        else:
+            slab = x.slab(lo, hi, normalize)
+            F.silu(slab, inplace=True)
         y = conv(slab)[:, :, 1:-1]
         del slab
         if residual is not None:
@@ -215,6 +247,23 @@ def _upsample(layer: nn.Module, x: Banded) -> Banded:
         out.append(layer(slab)[:, :, 2:-2])
         del slab
         x.free_below(hi - 1)
+    return Banded(out)
+
+
+def _downsample(layer: nn.Module, x: Banded) -> Banded:
+    """CompVis' downsample (zero pad right and bottom by one, 3x3 conv with stride 2), band by
+    band: output rows [lo, hi) read input rows [2lo, 2hi + 1), the last one possibly the pad."""
+    height = x.height
+    out_height = (height - 2) // 2 + 1
+    rows = max(1, _band_rows(x) // 2)
+    out = []
+    for lo in range(0, out_height, rows):
+        hi = min(lo + rows, out_height)
+        parts = x.parts(2 * lo, min(2 * hi + 1, height))
+        slab = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        out.append(layer.conv(F.pad(slab, (0, 1, 0, 2 * hi + 1 - min(2 * hi + 1, height)))))
+        del slab, parts
+        x.free_below(2 * hi)
     return Banded(out)
 
 

@@ -17,9 +17,9 @@ Front doors `decode` / `encode` take `tiling="auto" | "on" | "off"`:
 - "on": always tiled (one untiled call when the input fits in one tile).
 - "auto" (default): one image at a time (exact: the VAE has no cross-batch op); an image is
   tiled when it has more than AUTO_MAX_LATENT_PIXELS latent pixels, and an untiled call that runs
-  out of memory is retried in tiles with a warning. Untiled decodes of large images run their
-  full-resolution levels in bands of rows (`streaming.py`: the same result within float
-  rounding, about half the activation memory).
+  out of memory is retried in tiles with a warning. Untiled decodes and encodes of large images
+  run their full-resolution levels in bands of rows (`streaming.py`: the same result within
+  float rounding, about half the activation memory).
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def encode(vae, x: torch.Tensor, tiling: str = "auto", tile: int | None = None,
         return vae.encode(x)
     if tiling == "on":
         return tiled_encode(vae, x, tile, overlap)
-    pairs = [_auto(vae.encode, lambda im: tiled_encode(vae, im, tile, overlap), x[i : i + 1],
-                   (x.shape[-2] // f) * (x.shape[-1] // f), "encode")
+    pairs = [_auto(lambda im: streaming.encode(vae, im), lambda im: tiled_encode(vae, im, tile, overlap),
+                   x[i : i + 1], (x.shape[-2] // f) * (x.shape[-1] // f), "encode")
              for i in range(x.shape[0])]
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 

@@ -206,7 +206,11 @@ class AutoencoderKL(nn.Module):
         The latents the UNet sees are `cfg.scale_factor * (mean + exp(logvar/2) * noise)`.
         logvar is clamped to [-30, 20] as CompVis' DiagonalGaussianDistribution does.
         """
-        moments = self.quant_conv(self.encoder(x))  # (B, 2*embed_dim, h, w)
+        return self.posterior(self.encoder(x))
+
+    def posterior(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's output (B, 2*z_channels, h, w) -> (mean, logvar)."""
+        moments = self.quant_conv(features)  # (B, 2*embed_dim, h, w)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
