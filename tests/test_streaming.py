@@ -131,20 +131,23 @@ def test_full_sd_streamed_equals_plain(full_vae):
         assert (a - b).abs().max().item() < 2e-5 * b.abs().max().item()
 
 
-def test_full_sd_streamed_holds_half_the_activations(full_vae):
-    """Peak bytes of live activations, counted at every aten op: the streamed 384x384 decode
-    holds under 0.6x of what the plain decode holds (measured 191 vs 360 MiB: 0.53x; 0.51x at
-    512x512: 327 vs 640 MiB)."""
-    z = latents((1, 4, 48, 48), seed=4)
+def activation_peaks(plain, streamed, arg) -> dict[str, int]:
+    """Peak bytes of live activations of each function on `arg`, counted at every aten op."""
     peaks = {}
     with torch.inference_mode():
-        for name, fn in (("plain", full_vae.decode), ("streamed", lambda z: streaming.decode(full_vae, z))):
+        for name, fn in (("plain", plain), ("streamed", streamed)):
             with LivePeak() as counter:
-                out = fn(z)
+                out = fn(arg)
             del out
             peaks[name] = counter.peak
-    output_bytes = 3 * 384 * 384 * 4
-    assert peaks["plain"] > 10 * output_bytes  # sanity: the counter sees the activations
+    return peaks
+
+
+def test_full_sd_streamed_holds_half_the_activations(full_vae):
+    """The streamed 384x384 decode holds under 0.6x of what the plain decode holds (measured 191
+    vs 360 MiB: 0.53x; 0.51x at 512x512: 327 vs 640 MiB)."""
+    peaks = activation_peaks(full_vae.decode, lambda z: streaming.decode(full_vae, z), latents((1, 4, 48, 48), 4))
+    assert peaks["plain"] > 10 * 3 * 384 * 384 * 4  # sanity: the counter sees the activations
     assert peaks["streamed"] < 0.6 * peaks["plain"], peaks
 
 
@@ -153,27 +156,26 @@ def test_full_sd_streamed_encode_holds_less(full_vae):
     (measured 178 vs 288 MiB: 0.62x; 314 vs 512 MiB at 512x512). A plain resnet block keeps its
     input for the residual add while its first conv's output is made, so 2 full maps remain."""
     image = torch.rand((1, 3, 384, 384), generator=torch.Generator().manual_seed(4)) * 2 - 1
-    peaks = {}
-    with torch.inference_mode():
-        for name, fn in (("plain", full_vae.encode), ("streamed", lambda x: streaming.encode(full_vae, x))):
-            with LivePeak() as counter:
-                out = fn(image)
-            del out
-            peaks[name] = counter.peak
+    peaks = activation_peaks(full_vae.encode, lambda x: streaming.encode(full_vae, x), image)
     assert peaks["plain"] > 2 * 128 * 384 * 384 * 4  # sanity: at least two full-resolution maps seen
     assert peaks["streamed"] < 0.66 * peaks["plain"], peaks
 
 
-def test_auto_decode_streams_large_images(tiny_vae, tiny_bands, monkeypatch):
+@pytest.mark.parametrize("direction", ["decode", "encode"])
+def test_auto_path_streams_large_images(tiny_vae, tiny_bands, monkeypatch, direction):
     calls = []
-    real = streaming.decode
-    monkeypatch.setattr(streaming, "decode", lambda vae, z: calls.append(tuple(z.shape)) or real(vae, z))
-    z = latents((2, 4, 10, 12))
+    real = getattr(streaming, direction)
+    monkeypatch.setattr(streaming, direction, lambda vae, t: calls.append(tuple(t.shape)) or real(vae, t))
+    if direction == "decode":
+        arg = latents((2, 4, 10, 12))
+    else:
+        arg = torch.rand((2, 3, 20, 24), generator=torch.Generator().manual_seed(2)) * 2 - 1
+    front = getattr(tiling, direction)
     with torch.inference_mode():
-        out = tiling.decode(tiny_vae, z, "auto")
-        plain = tiling.decode(tiny_vae, z, "off")
-    assert calls == [(1, 4, 10, 12), (1, 4, 10, 12)]  # one image at a time
-    assert (out - plain).abs().max().item() < 2e-5 * plain.abs().max().item()
+        out, plain = front(tiny_vae, arg, "auto"), front(tiny_vae, arg, "off")
+    assert calls == [(1, *arg.shape[1:])] * 2  # one image at a time
+    for a, b in zip(*((out, plain) if direction == "encode" else ((out,), (plain,)))):
+        assert (a - b).abs().max().item() < 2e-5 * b.abs().max().item()
 
 
 @pytest.mark.parametrize("offset", [0.0, 300.0, 3000.0])
@@ -191,16 +193,3 @@ def test_group_norm_statistics_survive_a_large_mean(offset):
         ours = (x * a + b).double()
         torch_err = (norm(x).double() - ref).abs().max().item()
     assert (ours - ref).abs().max().item() <= 3 * torch_err + 1e-6
-
-
-def test_auto_encode_streams_large_images(tiny_vae, tiny_bands, monkeypatch):
-    calls = []
-    real = streaming.encode
-    monkeypatch.setattr(streaming, "encode", lambda vae, x: calls.append(tuple(x.shape)) or real(vae, x))
-    image = torch.rand((2, 3, 20, 24), generator=torch.Generator().manual_seed(2)) * 2 - 1
-    with torch.inference_mode():
-        mean, logvar = tiling.encode(tiny_vae, image, "auto")
-        ref_mean, ref_logvar = tiling.encode(tiny_vae, image, "off")
-    assert calls == [(1, 3, 20, 24), (1, 3, 20, 24)]
-    assert (mean - ref_mean).abs().max().item() < 2e-5 * ref_mean.abs().max().item()
-    assert (logvar - ref_logvar).abs().max().item() < 2e-5 * ref_logvar.abs().max().item()
