@@ -79,7 +79,7 @@ def test_bands_really_split(tiny_vae, tiny_bands, monkeypatch):
     assert any(f is True for f in freed) and all(f in (True, None) for f in freed)
 
 
-@pytest.mark.parametrize("kind", ["kernels", "fp16-stored", "bf16"])
+@pytest.mark.parametrize("kind", ["kernels", "fp16-stored", "bf16", "fp16"])
 def test_tiny_streamed_equals_plain_for_each_layer_kind(tiny, tiny_bands, kind):
     vae = open_checkpoint(tiny.folder).load("vae")
     z, dtype = latents((1, 4, 12, 16)), torch.float32
@@ -89,15 +89,17 @@ def test_tiny_streamed_equals_plain_for_each_layer_kind(tiny, tiny_bands, kind):
         cpu_speed_up(vae)
     elif kind == "fp16-stored":
         vae = compute_in(vae.half(), torch.float32)
-    else:
-        vae, dtype = vae.to(torch.bfloat16), torch.bfloat16
+    else:  # reduced-precision compute, as on GPUs (fp16 is CUDA's default)
+        dtype = torch.bfloat16 if kind == "bf16" else torch.float16
+        vae = vae.to(dtype)
     image = torch.rand((1, 3, 22, 30), generator=torch.Generator().manual_seed(5)) * 2 - 1
     with torch.inference_mode():
         ref = vae.decode(z.to(dtype)).float()
         out = streaming.decode(vae, z.to(dtype)).float()
         ref_enc = vae.encode(image.to(dtype))
         out_enc = streaming.encode(vae, image.to(dtype))
-    tol = 2e-5 if dtype == torch.float32 else 0.05
+    # relative to max |ref|; fp16 measured 1e-3 (plain fp16 vs fp32: 1.4e-3), bf16 0
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     assert (out - ref).abs().max().item() < tol * ref.abs().max().item()
     for a, b in zip(out_enc, ref_enc):
         assert (a.float() - b.float()).abs().max().item() < tol * b.float().abs().max().item()
