@@ -4,8 +4,9 @@
 
 Each configuration runs in a fresh child process on the same random-weight checkpoint files
 (made once by benchmarks/load_memory.py's helpers, cached in ./.cache/bench). A child reports:
-- CPU: peak RSS of the whole process (VmHWM) and, per stage (text encode, denoise, decode), the
-  peak RSS sampled every 5 ms by a thread while that stage runs;
+- CPU: peak RSS of the whole process (VmHWM) and, per stage (text encode, VAE encode for the
+  img2img configs, denoise, decode), the peak RSS sampled every 5 ms by a thread while that
+  stage runs;
 - CUDA: torch.cuda.max_memory_allocated overall and per stage (peak stats reset at each stage);
 - seconds per denoising step (median of the steps after the first) and total seconds.
 Output: JSON (--json) and a markdown table on stdout.
@@ -37,6 +38,13 @@ CONFIGS = {
     "sdlite-low-int8-1024": ("sdlite", dict(file="int8", size=1024, memory="low", vae_tiling="on")),
     "sdlite-low-int8-fast": ("sdlite", dict(file="int8", size=512, memory="low", fast=True)),
     "sdlite-fast": ("sdlite", dict(file="fp32", size=512, fast=True)),
+    # img2img (strength 0.75): adds the VAE encode stage; "-plainvae" = vae_tiling "off", i.e.
+    # the plain one-call VAE instead of the streamed one
+    "sdlite-fp32-img2img": ("sdlite", dict(file="fp32", size=512, mode="img2img")),
+    "sdlite-fp32-img2img-plainvae": ("sdlite", dict(file="fp32", size=512, mode="img2img", vae_tiling="off")),
+    "sdlite-low-int8-img2img": ("sdlite", dict(file="int8", size=512, memory="low", mode="img2img")),
+    "sdlite-low-int8-img2img-plainvae": ("sdlite", dict(file="int8", size=512, memory="low", mode="img2img",
+                                                        vae_tiling="off")),
     "diffusers-fp32": ("diffusers", dict(file="fp32", size=512)),
     "diffusers-fp32-sliced-tiled": ("diffusers", dict(file="fp32", size=512, slicing=True, vae_tiling=True)),
     # CUDA configurations (fp16 compute)
@@ -124,7 +132,16 @@ def run_sdlite(opts: dict, device: str, steps: int, meter: StageMeter, workdir: 
     meter.wrap(sd, "denoise", "denoise")
     meter.wrap(sd, "decode", "decode")
     size = opts["size"]
-    sd.txt2img(PROMPT, width=size, height=size, steps=steps, sampler="ddim", seed=1, callback=meter.step)
+    if opts.get("mode") == "img2img":
+        import numpy as np
+        from PIL import Image
+
+        meter.wrap(sd, "encode_image", "encode")
+        pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        sd.img2img(PROMPT, Image.fromarray(pixels), strength=0.75, steps=steps, sampler="ddim", seed=1,
+                   callback=meter.step)
+    else:
+        sd.txt2img(PROMPT, width=size, height=size, steps=steps, sampler="ddim", seed=1, callback=meter.step)
     del sd, torch
 
 
@@ -192,17 +209,18 @@ def prepare(workdir: Path, need: set[str]) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| config | device | size | peak (GiB) | text | denoise | decode | s/step |",
-             "|---|---|---|---|---|---|---|---|"]
+    encode = any("encode" in r.get("stage_peaks", {}) for r in rows)
+    lines = ["| config | device | size | peak (GiB) | text |" + (" encode |" if encode else "")
+             + " denoise | decode | s/step |", "|---|---|---|---|---|" + ("---|" if encode else "") + "---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | | | error: {r['error'][:60]} | | | | |")
+            lines.append(f"| {r['name']} | | | error: {r['error'][:60]} | | | | |" + (" |" if encode else ""))
             continue
         sp = r["stage_peaks"]
         cell = lambda k: f"{sp[k] / GiB:.2f}" if k in sp else "-"  # noqa: E731
         s = f"{r['seconds_per_step']:.2f}" if r["seconds_per_step"] else "-"
         lines.append(f"| {r['name']} | {r['device']} | {r['size']} | {r['peak'] / GiB:.2f} | {cell('text')} | "
-                     f"{cell('denoise')} | {cell('decode')} | {s} |")
+                     + (f"{cell('encode')} | " if encode else "") + f"{cell('denoise')} | {cell('decode')} | {s} |")
     return "\n".join(lines)
 
 

@@ -67,11 +67,11 @@ def decode(vae, z: torch.Tensor, tiling: str = "auto", tile: int | None = None,
 
 
 def encode(vae, x: torch.Tensor, tiling: str = "auto", tile: int | None = None,
-           overlap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           overlap: int | None = None, stream: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar) of the posterior; `tiling` as in the module doc.
 
     `tile` / `overlap` in image pixels, multiples of the VAE's downscale; None = ENCODE_TILE /
-    ENCODE_OVERLAP (512 / 128).
+    ENCODE_OVERLAP (512 / 128). `stream=False`: untiled "auto" encodes run the plain encoder.
     """
     tile = ENCODE_TILE if tile is None else tile
     overlap = ENCODE_OVERLAP if overlap is None else overlap
@@ -81,7 +81,8 @@ def encode(vae, x: torch.Tensor, tiling: str = "auto", tile: int | None = None,
         return vae.encode(x)
     if tiling == "on":
         return tiled_encode(vae, x, tile, overlap)
-    pairs = [_auto(lambda im: streaming.encode(vae, im), lambda im: tiled_encode(vae, im, tile, overlap),
+    untiled = (lambda im: streaming.encode(vae, im)) if stream else vae.encode
+    pairs = [_auto(untiled, lambda im: tiled_encode(vae, im, tile, overlap),
                    x[i : i + 1], (x.shape[-2] // f) * (x.shape[-1] // f), "encode")
              for i in range(x.shape[0])]
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
