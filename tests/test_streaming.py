@@ -10,7 +10,7 @@ from conftest import LivePeak
 from refmodels import randomize_
 from sdlite import streaming, tiling
 from sdlite.checkpoint import open_checkpoint
-from sdlite.config import SD_V1
+from sdlite.config import SD_V1, VAEConfig
 from sdlite.kernels import available as kernels_available, cpu_speed_up
 from sdlite.precision import compute_in
 from sdlite.vae import AutoencoderKL
@@ -105,20 +105,34 @@ def test_tiny_streamed_equals_plain_for_each_layer_kind(tiny, tiny_bands, kind):
         assert (a.float() - b.float()).abs().max().item() < tol * b.float().abs().max().item()
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 32, 24), (1, 3, 26, 20), (1, 3, 18, 14), (1, 3, 8, 80)])
-def test_tiny_streamed_encode_equals_plain(tiny_vae, tiny_bands, shape):
-    """Posterior mean and logvar; odd heights after the downsample included (9, 7, 13)."""
+@pytest.fixture(scope="module")
+def three_level_vae():
+    """Two downsamples, so the second one can see an odd height (a 30-row image: 30 -> 15 -> 7)."""
+    return randomize_(AutoencoderKL(VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8)), 11).eval()
+
+
+@pytest.mark.parametrize("which, shape", [("tiny", (2, 3, 32, 24)), ("tiny", (1, 3, 26, 20)),
+                                          ("tiny", (1, 3, 18, 14)), ("three", (1, 3, 36, 28)),
+                                          ("three", (2, 3, 30, 22)), ("three", (1, 3, 28, 13))])
+def test_streamed_encode_equals_plain(tiny_vae, three_level_vae, tiny_bands, monkeypatch, which, shape):
+    """Posterior mean and logvar, with the encode really banded (downsamples counted)."""
+    vae = tiny_vae if which == "tiny" else three_level_vae
+    calls = []
+    real = streaming._downsample
+    monkeypatch.setattr(streaming, "_downsample", lambda layer, x: calls.append(len(x.bands)) or real(layer, x))
     image = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.inference_mode():
-        ref = tiny_vae.encode(image)
-        out = streaming.encode(tiny_vae, image)
+        ref = vae.encode(image)
+        out = streaming.encode(vae, image)
+    assert len(calls) == len(vae.cfg.ch_mult) - 1 and max(calls) >= 2  # streamed, in several bands
     for a, b in zip(out, ref):
         assert a.shape == b.shape
         assert (a - b).abs().max().item() < 2e-5 * b.abs().max().item()
 
 
-def test_full_sd_streamed_equals_plain(full_vae):
-    """The SD decoder at 320x320 (streams in float32): max abs diff within float rounding."""
+def test_full_sd_streamed_equals_plain(full_vae, monkeypatch):
+    """The SD decoder and encoder at 320x320 (the decode streams at this size in float32; the
+    encode is made to): max abs diff within float rounding."""
     z = latents((1, 4, 40, 40), seed=3)
     assert streaming.needs_streaming(full_vae, z, torch.float32)
     with torch.inference_mode():
@@ -126,6 +140,7 @@ def test_full_sd_streamed_equals_plain(full_vae):
         out = streaming.decode(full_vae, z)
     assert (out - ref).abs().max().item() < 2e-5 * ref.abs().max().item()  # measured 3.8e-6 of 3.76
     image = torch.rand((1, 3, 320, 320), generator=torch.Generator().manual_seed(3)) * 2 - 1
+    monkeypatch.setattr(streaming, "STREAM_ABOVE_BYTES", 0)  # 320x320 is below the encode threshold
     with torch.inference_mode():
         ref_enc = full_vae.encode(image)
         out_enc = streaming.encode(full_vae, image)

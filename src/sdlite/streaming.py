@@ -146,10 +146,11 @@ def encode(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     band by band; small images run `vae.encode` as is."""
     enc = vae.encoder
     n, _, h, w = x.shape
-    if _bytes(n, vae.cfg.ch, h, w, x.dtype) <= STREAM_ABOVE_BYTES:  # conv_in's output, the largest map
+    width = vae.cfg.ch * vae.cfg.ch_mult[0]  # conv_in's output channels: the largest map
+    if _bytes(n, width, h, w, x.dtype) <= STREAM_ABOVE_BYTES:
         return vae.encode(x)
-    # bands sized for conv_in's 128-channel output, not for the 3-channel image
-    y = _norm_act_conv(Banded.split(x, _band_rows(x, vae.cfg.ch)), None, enc.conv_in, consume=True)
+    # bands sized for conv_in's output (128 channels in SD), not for the 3-channel image
+    y = _norm_act_conv(Banded.split(x, _band_rows(x, width)), None, enc.conv_in, consume=True)
     for level in enc.down:
         for layer in level.layers():
             y = _resnet(layer, y) if hasattr(layer, "norm1") else _downsample(layer, y)
