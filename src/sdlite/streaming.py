@@ -95,10 +95,13 @@ class Banded:
             out[:, :, row].zero_()
         return out
 
-    def free_below(self, row: int) -> None:
-        """Drop every band that lies entirely above `row` (rows < row are no longer needed)."""
-        for i in range(len(self.bands)):
-            if self.starts[i + 1] <= row:
+    def free_below(self, row: int, on_free=None) -> None:
+        """Drop every band that lies entirely above `row` (rows < row are no longer needed),
+        calling on_free(band) on each first."""
+        for i, band in enumerate(self.bands):
+            if band is not None and self.starts[i + 1] <= row:
+                if on_free is not None:
+                    on_free(band)
                 self.bands[i] = None
 
     def whole(self) -> torch.Tensor:
@@ -198,7 +201,6 @@ def _norm_act_conv(x: Banded, norm: nn.GroupNorm | None, conv: nn.Module, *, con
     height = x.height
     rows = _band_rows(x, max(x.shape[1], getattr(conv, "out_channels", 0)))  # the larger of input and output
     out = []
-    done = 0  # bands of x handed to on_consumed
 
     def normalize(part: torch.Tensor, dst: torch.Tensor) -> None:
         if dst.dtype == a.dtype:
@@ -223,17 +225,9 @@ def _norm_act_conv(x: Banded, norm: nn.GroupNorm | None, conv: nn.Module, *, con
             residual.free_below(hi)
         out.append(y)
         if consume:
-            keep_from = hi - 1  # the next band's slab starts one row above it
-            while done < len(x.bands) and x.starts[done + 1] <= keep_from:
-                if on_consumed is not None:
-                    on_consumed(x.bands[done])
-                x.bands[done] = None
-                done += 1
+            x.free_below(hi - 1, on_consumed)  # the next band's slab starts one row above it
     if consume:
-        for i in range(done, len(x.bands)):
-            if on_consumed is not None:
-                on_consumed(x.bands[i])
-            x.bands[i] = None
+        x.free_below(height, on_consumed)
     return Banded(out)
 
 
