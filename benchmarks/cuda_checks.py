@@ -2,7 +2,9 @@
 - CUDA graphs (exact mode) vs eager: identical latents;
 - sdlite vs diffusers, same seed and settings: PSNR of the decoded images and max latent diff;
 - fast mode (torch.compile) vs exact mode: PSNR of the decoded images (target >= 40 dB);
-- the streamed VAE decode (streaming.py) vs the plain one: max diff, time, peak allocated.
+- the streamed VAE decode (streaming.py) vs the plain one: max diff, time, peak allocated;
+- memory="normal" (text encoder and VAE parked in host memory) vs "high" (all on the GPU):
+  identical images, seconds per image of each.
 
     python benchmarks/cuda_checks.py [--steps 20] [--json OUT]
 """
@@ -53,6 +55,7 @@ def main(argv=None) -> int:
     out["graphs_vs_eager_psnr"] = psnr(graphs.images[0], eager.images[0])
 
     out["streamed_decode"] = streamed_vs_plain(graphs_sd, graphs.latents)
+    out["parking"] = parked_vs_high(graphs_sd, StableDiffusion(path, device="cuda", memory="high"), prompt, kw)
     del graphs_sd
     torch.cuda.empty_cache()
 
@@ -91,9 +94,10 @@ def streamed_vs_plain(sd, latents) -> dict:
     from sdlite import streaming
 
     z = (latents / sd.config.vae.scale_factor).to("cuda", sd.dtype)
+    vae = sd.resident("vae")
     res = {}
     with torch.inference_mode():
-        for name, fn in (("plain", sd.vae.decode), ("streamed", lambda z: streaming.decode(sd.vae, z))):
+        for name, fn in (("plain", vae.decode), ("streamed", lambda z: streaming.decode(vae, z))):
             for _ in range(3):
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
@@ -105,6 +109,27 @@ def streamed_vs_plain(sd, latents) -> dict:
             res[name] = {"seconds": seconds, "activations_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
             res[name + "_image"] = img.float().cpu()
     res["max_abs_diff"] = (res.pop("streamed_image") - res.pop("plain_image")).abs().max().item()
+    sd.done_with("vae")
+    return res
+
+
+def parked_vs_high(parked, high, prompt: str, kw: dict) -> dict:
+    """The same image with the text encoder and VAE parked in host memory (normal) and kept on
+    the GPU (high); seconds per image (best of 3, after a warm-up) of both, interleaved."""
+    import torch
+
+    res, images = {"normal_s": [], "high_s": []}, {}
+    for _ in range(4):
+        for name, sd in (("normal", parked), ("high", high)):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            images[name] = sd.txt2img(prompt, **kw)
+            torch.cuda.synchronize()
+            res[name + "_s"].append(time.perf_counter() - t0)
+    res = {k: min(v[1:]) for k, v in res.items()}
+    res["latents_equal"] = bool(torch.equal(images["normal"].latents, images["high"].latents))
+    res["images_psnr"] = psnr(images["normal"].images[0], images["high"].images[0])
+    res["parked_mib"] = sum(p.nbytes() for p in parked._parked.values()) / 2**20
     return res
 
 

@@ -180,6 +180,7 @@ def pipeline_figures(models, cfg, args, report):
     ckpt.release = lambda: None  # in memory, nothing to re-map: keep the tensors for every variant
     # Plain eager UNet (no CUDA-graph wrapper), so that quantize_model sees sdlite's UNetModel.
     extra = {"cuda_graphs": False} if "cuda_graphs" in inspect.signature(StableDiffusion).parameters else {}
+    extra["memory"] = "high"  # the models are quantized in place below: keep them where they are
     variants = {"fp32": (torch.float32, False), "int8": (torch.float32, True)}
     if args.device == "cpu" and fast_cpu_available():
         variants["fast (CPU int8 x int8)"] = (torch.float32, "fast")

@@ -48,7 +48,9 @@ CONFIGS = {
     "diffusers-fp32": ("diffusers", dict(file="fp32", size=512)),
     "diffusers-fp32-sliced-tiled": ("diffusers", dict(file="fp32", size=512, slicing=True, vae_tiling=True)),
     # CUDA configurations (fp16 compute)
-    "sdlite-cuda-fp16": ("sdlite", dict(file="fp16", size=512)),
+    "sdlite-cuda-fp16": ("sdlite", dict(file="fp16", size=512)),  # text encoder + VAE parked on the host
+    "sdlite-cuda-fp16-high": ("sdlite", dict(file="fp16", size=512, memory="high")),  # all on the GPU
+    "sdlite-cuda-fp16-plainvae": ("sdlite", dict(file="fp16", size=512, vae_tiling="off")),
     "sdlite-cuda-low-int8": ("sdlite", dict(file="int8", size=512, memory="low")),
     "sdlite-cuda-fp16-1024": ("sdlite", dict(file="fp16", size=1024)),
     "diffusers-cuda-fp16": ("diffusers", dict(file="fp16", size=512)),
@@ -59,7 +61,7 @@ CONFIGS = {
 }
 CPU_DEFAULT = ["sdlite-fp32", "sdlite-low-fp16", "sdlite-low-int8", "sdlite-low-int8-1024",
                "diffusers-fp32", "diffusers-fp32-sliced-tiled"]
-CUDA_DEFAULT = ["sdlite-cuda-fp16", "sdlite-cuda-low-int8", "sdlite-cuda-fp16-1024", "diffusers-cuda-fp16",
+CUDA_DEFAULT = ["sdlite-cuda-fp16", "sdlite-cuda-fp16-high", "sdlite-cuda-low-int8", "sdlite-cuda-fp16-1024", "diffusers-cuda-fp16",
                 "diffusers-cuda-fp16-offload", "diffusers-cuda-fp16-1024", "diffusers-cuda-fp16-1024-tiled"]
 
 

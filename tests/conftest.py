@@ -88,10 +88,12 @@ class LivePeak(TorchDispatchMode):
     (activations; weights and inputs made before it do not count). A storage counts from the
     op that made it until the last tensor viewing it (any op output) is gone."""
 
-    def __init__(self):
+    def __init__(self, exclude: set[int] = frozenset()):
         super().__init__()
         self.live: dict[int, list] = {}  # storage address -> [bytes, live tensors viewing it]
         self.current = self.peak = 0
+        # Storages made before (e.g. weights, whose views ops return) are not counted.
+        self.exclude = exclude
 
     def _drop(self, key: int) -> None:
         entry = self.live.get(key)
@@ -109,7 +111,7 @@ class LivePeak(TorchDispatchMode):
                 continue
             storage = t.untyped_storage()
             key = storage.data_ptr()
-            if key == 0:
+            if key == 0 or key in self.exclude:
                 continue
             entry = self.live.get(key)
             if entry is None:

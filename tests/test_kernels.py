@@ -103,6 +103,12 @@ def test_changed_weights_are_packed_again():
     fast.load_state_dict(newer.state_dict(), assign=True)  # new tensors
     with torch.inference_mode():
         assert_close(fast(x, t, c), newer(x, t, c), what="after load_state_dict(assign=True)")
+    newest = randomized(copy.deepcopy(eager), seed=9)
+    with torch.no_grad():  # the same Parameter objects, new data (what parking.py does)
+        for p, q in zip(fast.parameters(), newest.parameters(), strict=True):
+            p.data = q.detach().clone()
+    with torch.inference_mode():
+        assert_close(fast(x, t, c), newest(x, t, c), what="after .data was replaced")
 
 
 def test_other_layers_are_left_alone():

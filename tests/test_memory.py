@@ -106,3 +106,194 @@ def test_bad_run_options_are_clear_errors(tiny):
                     (dict(vae_tiling="maybe"), "vae_tiling must be one of auto, on, off")):
         with pytest.raises(InputError, match=msg):
             StableDiffusion(tiny.folder, **kw)
+
+
+# ---------------------------------------------------------------- parking (memory="normal" on CUDA)
+
+
+def test_host_copy_switches_the_weights_and_keeps_the_parameters():
+    from sdlite import parking
+    from sdlite.parking import HostCopy
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        model[1].running_mean.copy_(torch.randn(4, generator=g))
+    x = torch.randn(1, 3, 6, 6, generator=g)
+    with torch.no_grad():
+        expected = model(x)
+    params, own = list(model.parameters()), [t.data_ptr() for t in model.state_dict().values()]
+    parked = HostCopy(model, pin=False)
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    assert sorted(parked.host) == sorted(names)
+    state = model.state_dict()
+
+    def uses(copies):
+        return all(state_t.data_ptr() == copies[n].data_ptr() for n, state_t in model.state_dict().items())
+
+    assert uses(parked.host) and not set(own) & {t.data_ptr() for t in state.values()}  # parked at once
+    # one buffer: the tensors' bytes plus alignment padding
+    data = sum(t.numel() * t.element_size() for t in state.values())
+    assert data <= parked.nbytes() < data + parking.ALIGN * len(state)
+    assert len({t.untyped_storage().data_ptr() for t in state.values()}) == 1
+    with torch.inference_mode():  # the pipeline switches inside inference mode
+        parked.to_device("cpu")
+        device_copies = {n: t for n, t in model.state_dict().items()}
+        assert not uses(parked.host)
+        assert len({t.untyped_storage().data_ptr() for t in device_copies.values()}) == 1  # one block
+        assert torch.equal(model(x), expected)
+        parked.to_host()
+        assert uses(parked.host) and torch.equal(model(x), expected)
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))  # the same Parameter objects
+    assert not any(p.is_inference() for p in model.parameters())  # usable outside inference mode
+    # The device copies are no longer the model's: only this test still holds them.
+    assert not {t.data_ptr() for t in device_copies.values()} & {t.data_ptr() for t in model.state_dict().values()}
+
+
+def test_host_copy_parts_go_to_the_device_on_their_own():
+    from sdlite.parking import REST, HostCopy
+
+    model = torch.nn.ModuleDict({"enc": torch.nn.Linear(3, 5), "dec": torch.nn.Linear(5, 3),
+                                 "shared": torch.nn.LayerNorm(3)})
+    originals = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    parked = HostCopy(model, {"encoder": ("enc.",), "decoder": ("dec.",)}, pin=False)
+    assert parked.parts == {"encoder": ["enc.weight", "enc.bias"], "decoder": ["dec.weight", "dec.bias"],
+                            REST: ["shared.weight", "shared.bias"]}
+    lo, hi = parked.ranges["decoder"]
+    assert lo % 64 == 0 and hi - lo >= 5 * 3 * 4 + 3 * 4
+    parked.to_device("cpu", "decoder")
+    assert parked.where == {"encoder": "host", "decoder": "device", REST: "device"}
+    on_host = {n for n, t in model.state_dict().items() if t.data_ptr() == parked.host[n].data_ptr()}
+    assert on_host == {"enc.weight", "enc.bias"}
+    assert all(torch.equal(t, originals[n]) for n, t in model.state_dict().items())
+    decoder_copy = model["dec"].weight.data_ptr()
+    parked.to_device("cpu")  # all of it; the decoder keeps the copy it has
+    assert set(parked.where.values()) == {"device"} and model["dec"].weight.data_ptr() == decoder_copy
+    parked.to_host()
+    assert set(parked.where.values()) == {"host"}
+    assert all(t.data_ptr() == parked.host[n].data_ptr() for n, t in model.state_dict().items())
+
+
+def _parking_states(sd: StableDiffusion):
+    """Record, whenever a layer computes, which parts of the parked models are on the device,
+    and every layer that computed with a host copy (on CUDA: host weights, device inputs)."""
+    seen, on_host = [], []
+
+    def on_device():  # the parts (with tensors) of parked models that are on the device
+        return frozenset(f"{c}.{part}".rstrip(".") for c, p in sd._parked.items() for part, where in p.where.items()
+                         if where == "device" and p.parts[part])
+
+    def host_ranges():
+        return [(p.buffer.data_ptr(), p.buffer.data_ptr() + p.nbytes()) for p in sd._parked.values()]
+
+    def record(component, name):
+        def hook(module, args):
+            seen.append((component, on_device()))
+            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+                if any(lo <= t.data_ptr() < hi for lo, hi in host_ranges()):
+                    on_host.append(f"{component}: {name}")
+        return hook
+
+    for component, attr in (("text", "text_encoder"), ("unet", "unet"), ("vae", "vae")):
+        for name, m in getattr(sd, attr).named_modules():
+            if list(m.parameters(recurse=False)) or list(m.buffers(recurse=False)):
+                m.register_forward_pre_hook(record(component, name))
+    return seen, on_host
+
+
+RUNS = {
+    "txt2img": lambda m: m.txt2img(PROMPT, width=32, height=32, steps=3, seed=5),
+    "img2img": lambda m: m.img2img(PROMPT, _image(), steps=4, strength=0.5, seed=5),
+    "inpaint-batch": lambda m: m.inpaint(PROMPT, _image(), _image(1).convert("L"), steps=3, seed=5, batch_size=2),
+}
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint-batch", "txt2img-int8"])
+def test_normal_memory_parks_text_encoder_and_vae_between_their_stages(tiny, mode, monkeypatch):
+    """On CUDA the text encoder and VAE wait in host memory unless their stage runs; the CPU's
+    memory is the host's, so parking is forced here to test the bookkeeping and the results.
+    int8: the parked text encoder mixes int8 weights and float32 scales in one buffer."""
+    from sdlite import parking
+
+    options = dict(quantize="int8") if mode.endswith("int8") else {}
+    monkeypatch.setattr(parking, "SEPARATE_MEMORY", ("cpu",))
+    high, low = StableDiffusion(tiny.folder, memory="high", **options), StableDiffusion(tiny.folder, memory="low")
+    assert high._parked == {} and low._parked == {}  # only "normal" parks
+    sd = StableDiffusion(tiny.folder, **options)
+    if options:
+        assert {t.dtype for t in sd._parked["text"].host.values()} >= {torch.int8, torch.float32}
+    assert sd.resident_components() == ["text", "unet", "vae"]
+    parked = {c: set(p.where.values()) for c, p in sd._parked.items()}
+    assert parked == {"text": {"host"}, "vae": {"host"}}
+    seen, on_host = _parking_states(sd)
+    run = RUNS[mode.removesuffix("-int8")]
+    a, b = run(sd), run(high)
+    assert torch.equal(a.latents, b.latents)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images, strict=True))
+    assert not on_host, f"layers ran on host copies: {on_host[:5]}"
+    states = {component: set() for component in ("text", "unet", "vae")}
+    for component, where in seen:
+        states[component].add(where)
+    # Only the running model is on the device, and of the VAE only the half that runs.
+    encodes = mode in ("img2img", "inpaint-batch")
+    vae = {frozenset({"vae.decoder"})} | ({frozenset({"vae.encoder"})} if encodes else set())
+    assert states == {"text": {frozenset({"text"})}, "unet": {frozenset()}, "vae": vae}, states
+    assert {c: set(p.where.values()) for c, p in sd._parked.items()} == parked
+    # Again, with the host copies changed: the device copies are made afresh from them each time
+    # (and nothing derived from an earlier copy, e.g. packed CPU weights, is used).
+    assert torch.equal(run(sd).latents, b.latents)
+    sd._parked["vae"].buffer.zero_()
+    again = run(sd)
+    assert encodes or torch.equal(again.latents, b.latents)
+    assert not np.array_equal(np.asarray(again.images[0]), np.asarray(b.images[0]))
+    sd._parked["text"].buffer.zero_()
+    assert not torch.equal(run(sd).latents, again.latents)
+
+
+def test_a_stage_that_fails_still_parks_its_model(tiny, monkeypatch):
+    from sdlite import parking, tiling
+
+    monkeypatch.setattr(parking, "SEPARATE_MEMORY", ("cpu",))
+    sd = StableDiffusion(tiny.folder)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decode failed")
+
+    monkeypatch.setattr(tiling, "decode", broken)
+    with pytest.raises(RuntimeError, match="decode failed"):
+        sd.txt2img(PROMPT, width=32, height=32, steps=2, seed=1)
+    assert {c: set(p.where.values()) for c, p in sd._parked.items()} == {"text": {"host"}, "vae": {"host"}}
+
+
+def test_a_replaced_or_requantized_model_is_parked_again(tiny, monkeypatch):
+    """A VAE handed over (cli --vae) is parked at once; layers swapped in place (quantize_model)
+    make the host copy stale, so it is made again instead of writing old weights into them."""
+    from sdlite import parking
+    from sdlite.cli import use_vae_file
+    from sdlite.quantize import Int8Linear, quantize_model
+
+    monkeypatch.setattr(parking, "SEPARATE_MEMORY", ("cpu",))
+    high = StableDiffusion(tiny.folder, memory="high")
+    sd = StableDiffusion(tiny.folder)
+    old_vae = sd.vae
+    use_vae_file(sd, tiny.folder / "vae")
+    assert sd.vae is not old_vae and sd._parked["vae"].model is sd.vae
+    assert set(sd._parked["vae"].where.values()) == {"host"}
+    assert all(t.device.type == "cpu" for t in sd.vae.parameters())
+    quantize_model(sd.text_encoder)
+    quantize_model(high.text_encoder)
+    assert any(isinstance(m, Int8Linear) for m in sd.text_encoder.modules())
+    a, b = (m.txt2img(PROMPT, width=32, height=32, steps=2, seed=3) for m in (sd, high))
+    assert torch.equal(a.latents, b.latents)
+    assert any(t.dtype == torch.int8 for t in sd._parked["text"].host.values())
+
+
+def test_parking_applies_to_cuda_normal_mode_only(tiny):
+    from sdlite import parking
+
+    assert parking.parks(torch.device("cuda")) and not parking.parks(torch.device("cpu"))
+    assert not parking.parks(torch.device("mps"))  # shared memory: nothing to gain
+    sd = StableDiffusion(tiny.folder)  # CPU: nothing parked, nothing copied
+    assert sd._parked == {} and not sd._parks("text")

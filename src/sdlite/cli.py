@@ -255,8 +255,9 @@ def _generation_parent() -> argparse.ArgumentParser:
                    help="compute device (default auto: cuda, else mps, else cpu)")
     g.add_argument("--dtype", type=_dtype_name, metavar="{fp32,fp16,bf16}",
                    help="compute dtype (default fp32 on cpu, fp16 on gpu)")
-    g.add_argument("--memory", choices=("normal", "low"), default="normal",
-                   help="low: keep one model in memory at a time (slower, for small machines)")
+    g.add_argument("--memory", choices=("normal", "low", "high"), default="normal",
+                   help="low: keep one model in memory at a time (slower, for small machines); high: keep "
+                        "the text encoder and VAE on the GPU too (normal parks them in host memory on CUDA)")
     g.add_argument("--quantize", choices=("none", "int8"), default="none",
                    help="int8: per-channel int8 weights for the UNet and text encoder (about 1/4 of fp32)")
     g.add_argument("--attention", choices=("sdpa", "chunked", "plain"), default="sdpa",
@@ -664,16 +665,17 @@ def read_vae_tensors(path: Path) -> dict:
 def use_vae_file(sd, path: Path) -> None:
     """Make the pipeline use the VAE from `path`: now, and whenever it (re)loads its VAE
     (memory="low" frees each model after its stage and loads it again when needed)."""
-    vae = sd.prepare("vae", load_vae(path, sd.config.vae, device=sd.device, dtype=sd.dtype))  # validates now
+    def load_it():  # onto the device, or into host memory where the VAE waits between stages
+        return sd.prepare("vae", load_vae(path, sd.config.vae, device=sd.load_device("vae"), dtype=sd.dtype))
+
+    vae = load_it()  # validates now
     if sd.vae is not None:
-        sd.vae = vae
+        sd.replace("vae", vae)
     del vae
     load_component = sd.load_component
 
     def load(component: str):
-        if component == "vae":
-            return sd.prepare("vae", load_vae(path, sd.config.vae, device=sd.device, dtype=sd.dtype))
-        return load_component(component)
+        return load_it() if component == "vae" else load_component(component)
 
     sd.load_component = load
 

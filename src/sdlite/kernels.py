@@ -85,7 +85,9 @@ class _Derived:
         self.release = release
 
     def get(self, weight: torch.Tensor, key, make) -> torch.Tensor:
-        entry, stamp = self.entry, (_version(weight), key)  # one read: another thread may replace it
+        # One read of self.entry (another thread may replace it). data_ptr: a weight whose .data
+        # was replaced (parking.py moves weights so) is a new weight.
+        entry, stamp = self.entry, (_version(weight), weight.data_ptr(), key)
         if entry is not None and entry[0] is weight and entry[1] == stamp:
             return entry[2]
         self.entry = None  # free the old value first

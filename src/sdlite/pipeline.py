@@ -15,17 +15,19 @@ import gc
 import math
 import random
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 
 from . import attention as attn
 from . import images as imgs
-from . import samplers, schedule, tiling
+from . import parking, samplers, schedule, tiling
 from .checkpoint import Checkpoint, open_checkpoint
+from .parking import HostCopy
 from .precision import compute_in
 from .errors import InputError, SdliteError
 from .tokenizer import get_tokenizer
@@ -73,9 +75,12 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
-MEMORY_MODES = ("normal", "low")
+MEMORY_MODES = ("normal", "low", "high")
 QUANTIZE_MODES = ("none", "int8")
 COMPONENT_ATTRS = {"text": "text_encoder", "unet": "unet", "vae": "vae"}
+# Parts of a parked model that go to the device on their own (parameter name prefixes): the
+# VAE's decoder is not needed to encode an image, nor its encoder to decode one.
+PARK_PARTS = {"vae": {"encoder": ("encoder.", "quant_conv."), "decoder": ("decoder.", "post_quant_conv.")}}
 
 
 class StableDiffusion:
@@ -88,11 +93,16 @@ class StableDiffusion:
     - `dtype`: the compute dtype; float32 on CPU and float16 on GPUs by default. On the CPU,
       weights stored in fp16/bf16 stay in their stored dtype and each layer computes in `dtype`
       (no full-precision copy of the model).
-    - `memory`: "normal" keeps the three models loaded for repeated generation; "low" keeps at
-      most one resident: text encoder, then UNet, then VAE, each loaded from the (memory-mapped)
-      checkpoint when needed and freed after use; it also runs the two halves of classifier-free
-      guidance as two calls (half the UNet activations), and on glibc it fixes malloc's mmap
-      and trim thresholds for the whole process (128 KiB) so freed memory goes back to the OS.
+    - `memory`: "normal" keeps the three models loaded for repeated generation; on CUDA the
+      UNet stays on the GPU while the text encoder and VAE wait in pinned host memory between
+      their stages, and of the VAE only the half that runs goes to the GPU (parking.py: 0.39
+      GiB less GPU memory while denoising for SD v1 in fp16, for about 0.3 GiB of host-to-GPU
+      copies per image). "high" keeps all three on the device (on the CPU and MPS it is
+      "normal"). "low" keeps at most one resident: text encoder, then UNet, then VAE, each
+      loaded from the (memory-mapped) checkpoint when needed and freed after use; it also runs
+      the two halves of classifier-free guidance as two calls (half the UNet activations), and
+      on glibc it fixes malloc's mmap and trim thresholds for the whole process (128 KiB) so
+      freed memory goes back to the OS.
     - `fast`: opt-in speed that changes the arithmetic: on CUDA torch.compile (+ CUDA graphs),
       on the CPU int8 x int8 UNet products (fastcpu.py; the UNet is held in int8). Exact mode
       (the default) keeps the reference's results within float rounding.
@@ -135,9 +145,10 @@ class StableDiffusion:
             self.checkpoint.release()
         if memory == "low":
             _return_freed_memory_to_the_os()
-        if memory == "normal":
+        self._parked: dict[str, HostCopy] = {}
+        if memory != "low":
             for component in COMPONENT_ATTRS:
-                self.resident(component)
+                self._loaded(component)
 
     def load_component(self, component: str) -> torch.nn.Module:
         """Load one model from the checkpoint for this device and compute dtype."""
@@ -146,7 +157,8 @@ class StableDiffusion:
             and self.dtype == torch.float32
         # quantized while loading; an int8 file is used as it is
         int8 = self.quantize == "int8" or (component == "unet" and self._fast_cpu)
-        model = self.checkpoint.load(component, None if keep_stored else self.dtype, self.device, int8=int8)
+        model = self.checkpoint.load(component, None if keep_stored else self.dtype, self.load_device(component),
+                                     int8=int8)
         model = compute_in(model, self.dtype) if keep_stored else model
         # The re-packed weights' file pages can be dropped when they are this load's own memory
         # map (released checkpoint, stored float32).
@@ -157,7 +169,7 @@ class StableDiffusion:
         file): exact CPU kernels in normal mode (packed oneDNN weights, upsampling as one
         transposed conv; `release`: its weights are file-mapped pages that may be dropped once
         packed), CUDA graphs / torch.compile for the UNet."""
-        if self.device.type == "cpu" and self.memory == "normal":
+        if self.device.type == "cpu" and self.memory != "low":
             from .kernels import cpu_speed_up
 
             cpu_speed_up(model, release=release)
@@ -187,20 +199,59 @@ class StableDiffusion:
             unet = GraphedUNet(unet)
         return unet
 
-    def resident(self, component: str) -> torch.nn.Module:
-        """The loaded model for a component, loading it if needed."""
+    def load_device(self, component: str) -> torch.device:
+        """Where a component is loaded: a parked model into host memory (it reaches the device
+        only for its stage), the others onto the device."""
+        return torch.device("cpu") if self._parks(component) else self.device
+
+    def replace(self, component: str, model: torch.nn.Module) -> None:
+        """Use `model` (loaded with `load_device` and `prepare`) for a component from now on."""
+        setattr(self, COMPONENT_ATTRS[component], model)
+        self._loaded(component)  # a parked component is parked at once
+
+    def _parks(self, component: str) -> bool:
+        """This component waits in host memory between its stages (memory="normal" on CUDA)."""
+        return self.memory == "normal" and component in ("text", "vae") and parking.parks(self.device)
+
+    def _loaded(self, component: str) -> torch.nn.Module:
+        """The model for a component, loaded if needed (and parked, if it parks)."""
         attr = COMPONENT_ATTRS[component]
-        if getattr(self, attr) is None:
-            setattr(self, attr, self.load_component(component))
-        return getattr(self, attr)
+        model = getattr(self, attr)
+        if model is None:
+            model = self.load_component(component)
+            setattr(self, attr, model)
+        if self._parks(component):
+            parked = self._parked.get(component)
+            # new, replaced (e.g. another VAE), or its layers were swapped (e.g. quantized in place)
+            if parked is None or parked.model is not model or parked.stale():
+                self._parked[component] = HostCopy(model, PARK_PARTS.get(component))
+        return model
+
+    def resident(self, component: str, part: str | None = None) -> torch.nn.Module:
+        """The model for a component, loaded if needed and on the device (of a parked model,
+        only `part` of it if given: a key of PARK_PARTS[component])."""
+        model = self._loaded(component)
+        if self._parks(component):
+            self._parked[component].to_device(self.device, part)
+        return model
 
     def done_with(self, component: str) -> None:
-        """In low-memory mode, free a model once its stage is over."""
+        """A model's stage is over: in low-memory mode free it; a parked one goes back to host memory."""
         if self.memory == "low":
             setattr(self, COMPONENT_ATTRS[component], None)
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        elif self._parks(component) and component in self._parked:
+            self._parked[component].to_host()
+
+    @contextmanager
+    def _stage(self, component: str, part: str | None = None) -> Iterator[torch.nn.Module]:
+        """The model on the device for a stage; done with it afterwards, also after an error."""
+        try:
+            yield self.resident(component, part)
+        finally:
+            self.done_with(component)
 
     def resident_components(self) -> list[str]:
         return [c for c, attr in COMPONENT_ATTRS.items() if getattr(self, attr) is not None]
@@ -216,7 +267,8 @@ class StableDiffusion:
     # ------------------------------------------------------------------ steps
 
     def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-        """Text -> (B, 77, width) context in the model dtype; warns when a prompt was truncated."""
+        """Text -> (B, 77, width) context in the model dtype; warns when a prompt was truncated.
+        (A parked text encoder stays on the device until `done_with("text")`.)"""
         tokens = [self.tokenizer.tokenize(p) for p in prompts]
         for p, t in zip(prompts, tokens):
             if t.num_truncated:
@@ -237,13 +289,12 @@ class StableDiffusion:
         # anyway, and after a streamed encode the denoise stage peaked 0.1 GiB higher in RSS (same
         # tensor bytes: an allocator/oneDNN effect, measured, not understood; see the README).
         stream = self.memory != "low"
-        with torch.inference_mode():
+        with self._stage("vae", "encoder") as vae, torch.inference_mode():
             for i, g in enumerate(job.generators):
-                mean, logvar = tiling.encode(self.resident("vae"), image[i : i + 1].to(self.device, self.dtype),
-                                             self.vae_tiling, stream=stream)
+                mean, logvar = tiling.encode(vae, image[i : i + 1].to(self.device, self.dtype), self.vae_tiling,
+                                             stream=stream)
                 eps = torch.randn(mean.shape, generator=g, dtype=torch.float32).to(self.device, mean.dtype)
                 out.append(mean + torch.exp(0.5 * logvar) * eps)
-        self.done_with("vae")
         # Latent bookkeeping (noise, blending) happens on the CPU in float32, like x_T.
         return torch.cat(out).float().cpu() * self.config.vae.scale_factor
 
@@ -256,11 +307,9 @@ class StableDiffusion:
                                      cfg_batch=self.memory != "low")
         model = denoiser.bind(cond, uncond, job.guidance_scale, extra_channels)
         options = {"eta": job.eta} if job.sampler in ("ddim", "euler_a") and job.eta is not None else {}
-        self.resident("unet")
-        with torch.inference_mode():
+        with self._stage("unet"), torch.inference_mode():
             x = samplers.get_sampler(job.sampler)(model, x, sigmas, callback=callback,
                                                   noise_sampler=self._noise_sampler(x, job), **options)
-        self.done_with("unet")
         return samplers.to_vp(x, sigmas[-1])
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -276,13 +325,11 @@ class StableDiffusion:
         z = latents / self.config.vae.scale_factor
         if not torch.isfinite(z).all():
             raise SdliteError("the sampler produced NaN/inf latents (try float32, fewer steps or another sampler)")
-        vae = self.resident("vae")
-        with torch.inference_mode():
+        with self._stage("vae", "decoder") as vae, torch.inference_mode():
             image = tiling.decode(vae, z.to(self.device, self.dtype), self.vae_tiling).float()
             if not torch.isfinite(image).all() and self.dtype != torch.float32:
                 warnings.warn("VAE decode gave NaN/inf in reduced precision; retrying in float32", stacklevel=2)
                 image = tiling.decode(compute_in(vae, torch.float32), z.float().to(self.device), self.vae_tiling).float()
-        self.done_with("vae")
         if not torch.isfinite(image).all():
             raise SdliteError("the VAE decoder produced NaN/inf (broken VAE weights?)")
         return image
@@ -320,9 +367,9 @@ class StableDiffusion:
         return job
 
     def _conditioning(self, job: _Job):
-        cond = self.encode_prompt(job.prompts, job.clip_skip)
-        uncond = None if job.guidance_scale == 1 else self.encode_prompt(job.negatives, job.clip_skip)
-        self.done_with("text")
+        with self._stage("text"):
+            cond = self.encode_prompt(job.prompts, job.clip_skip)
+            uncond = None if job.guidance_scale == 1 else self.encode_prompt(job.negatives, job.clip_skip)
         return cond, uncond
 
     def _sigmas(self, job: _Job) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""An estimate, made on the CPU, of sdlite's CUDA peak allocated memory per stage (fp16).
+
+    python benchmarks/cuda_memory_estimate.py [--size 512] [--steps 1] [--configs normal,high,high-plainvae]
+
+For sessions without a GPU. It runs the full random-weight SD v1.5 pipeline on the CPU in
+float32 with the CPU-only kernels off (kernels.py packs extra weight copies that CUDA never
+makes), so the same layers make the same tensors as on CUDA, and counts op by op the bytes of
+the tensors alive (`LivePeak`, tests/conftest.py) during each stage; the weights that stay
+resident are added. Every float32 byte is an fp16 byte on the GPU, so the estimate is half.
+Configs: `normal` (memory="normal" as on CUDA: text encoder and VAE parked in host memory,
+forced here with parking.SEPARATE_MEMORY), `high` (all resident), `-plainvae` = vae_tiling
+"off" (the plain one-call VAE decode instead of the streamed one).
+
+What it cannot see: cuDNN/cuBLAS workspaces, the caching allocator's block rounding, and
+kernels that allocate different temporaries on CUDA (CUDA graphs keep the same tensors alive
+as eager). Calibrate against a measured row before trusting it: `high-plainvae` is the
+configuration benchmarks/results/memory-cuda.json measured as "sdlite-cuda-fp16" on an H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+GiB = 1024**3
+PROMPT = "a photograph of an astronaut riding a horse"
+CONFIGS = {"normal": dict(), "high": dict(memory="high"), "high-plainvae": dict(memory="high", vae_tiling="off"),
+           "normal-plainvae": dict(vae_tiling="off")}
+
+
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def estimate(path: Path, name: str, size: int, steps: int) -> dict:
+    import torch
+
+    from conftest import LivePeak
+    from sdlite import kernels, parking
+    from sdlite.pipeline import StableDiffusion
+
+    kernels.cpu_speed_up = lambda model, release=False: model  # CUDA has no packed CPU weights
+    parking.SEPARATE_MEMORY = ("cpu",)
+    sd = StableDiffusion(path, **CONFIGS[name])
+    # Resident before counting starts: the UNet always; the text encoder and VAE unless parked
+    # (a parked model's device copy is made, and counted, when its stage starts).
+    resident = model_bytes(sd.unet) + sum(model_bytes(m) for c, m in (("text", sd.text_encoder), ("vae", sd.vae))
+                                          if c not in sd._parked)
+    existing = [t for m in (sd.unet, sd.text_encoder, sd.vae) for t in list(m.parameters()) + list(m.buffers())]
+    existing += [t for p in sd._parked.values() for t in p.host.values()]
+    counter, stages = LivePeak(exclude={t.untyped_storage().data_ptr() for t in existing}), {}
+
+    def wrap(method: str, stage: str):
+        fn = getattr(sd, method)
+
+        def wrapped(*a, **k):
+            counter.peak = counter.current
+            try:
+                return fn(*a, **k)
+            finally:
+                stages[stage] = max(stages.get(stage, 0), resident + counter.peak)
+        setattr(sd, method, wrapped)
+
+    for method, stage in (("encode_prompt", "text"), ("denoise", "denoise"), ("decode", "decode")):
+        wrap(method, stage)
+    t0 = time.perf_counter()
+    with counter:
+        sd.txt2img(PROMPT, width=size, height=size, steps=steps, sampler="ddim", seed=1)
+    fp16 = {k: v / 2 for k, v in stages.items()}
+    return {"config": name, "size": size, "steps": steps, "fp16_stage_bytes": fp16, "fp16_peak": max(fp16.values()),
+            "resident_fp16_bytes": resident / 2, "seconds": time.perf_counter() - t0}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--configs", default="normal,high,high-plainvae")
+    ap.add_argument("--workdir", default=str(ROOT / ".cache" / "bench"))
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    import load_memory
+
+    workdir = Path(args.workdir)
+    load_memory.prepare(workdir)
+    rows = [estimate(workdir / "sd15-fp32.safetensors", name, args.size, args.steps) for name in args.configs.split(",")]
+    print("| config | size | text | denoise | decode | peak (GiB, fp16 estimate) |\n|---|---|---|---|---|---|")
+    for r in rows:
+        s = r["fp16_stage_bytes"]
+        print(f"| {r['config']} | {r['size']} | {s['text'] / GiB:.2f} | {s['denoise'] / GiB:.2f} | "
+              f"{s['decode'] / GiB:.2f} | {r['fp16_peak'] / GiB:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
