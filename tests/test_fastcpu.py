@@ -105,7 +105,10 @@ def test_fast_mode_with_low_memory(tiny):
     assert any(isinstance(m, fastcpu.FastInt8Conv2d) for m in unet.modules())
 
 
-def test_fast_mode_off_cpu_float32_warns_and_runs_exact(tiny):
+def test_fast_mode_off_cpu_float32_warns_and_runs_exact(tiny, monkeypatch):
+    from sdlite import precision
+
+    monkeypatch.setattr(precision, "cpu_slowdown", lambda dtype: 1.0)  # compute in bf16 even if emulated
     with pytest.warns(UserWarning, match="fast mode on the CPU"):
         sd = StableDiffusion(tiny.folder, fast=True, dtype=torch.bfloat16)
     assert not any(isinstance(m, fastcpu.FastInt8Conv2d) for m in sd.unet.modules())

@@ -74,6 +74,53 @@ def test_fp16_weights_compute_in_fp32_without_a_full_copy(tiny, tmp_path):
     assert res.latents.dtype == torch.float32 and torch.isfinite(res.latents).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_reduced_dtype_the_cpu_only_emulates_computes_in_float32(tiny, tmp_path, dtype, monkeypatch):
+    """fp16/bf16 compute on a CPU without the instructions is many times slower than float32:
+    the pipeline warns, stores the weights in the asked dtype and computes in float32."""
+    from sdlite import precision
+
+    monkeypatch.setattr(precision, "cpu_slowdown", lambda d: 37.0)
+    with pytest.warns(UserWarning, match=r"compute is 37x slower than float32 on this CPU.*weights stored in"):
+        sd = StableDiffusion(tiny.folder, dtype=dtype)
+    assert sd.dtype == torch.float32 and sd.storage_dtype == dtype
+    assert all(weights_dtype(m) == dtype for m in (sd.text_encoder, sd.unet, sd.vae))
+    assert isinstance(sd.unet.time_embed[0], CastLinear)
+    # the same as the weights exported in that dtype, computed in float32
+    stored = export_checkpoint(tiny.folder, tmp_path / "stored.safetensors", dtype=dtype)
+    a = sd.txt2img(PROMPT, width=32, height=32, steps=2, seed=4)
+    b = StableDiffusion(stored, dtype=torch.float32).txt2img(PROMPT, width=32, height=32, steps=2, seed=4)
+    assert torch.equal(a.latents, b.latents)
+    low = StableDiffusion(tiny.folder, dtype=dtype, memory="low", quantize="int8")
+    assert low.dtype == torch.float32 and weights_dtype(low.resident("vae")) == dtype
+
+
+def test_a_reduced_dtype_the_cpu_runs_fast_is_kept(tiny, monkeypatch):
+    import warnings
+
+    from sdlite import precision
+
+    monkeypatch.setattr(precision, "cpu_slowdown", lambda d: 1.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sd = StableDiffusion(tiny.folder, dtype=torch.bfloat16)
+    assert sd.dtype == torch.bfloat16 and sd.storage_dtype is None and weights_dtype(sd.unet) == torch.bfloat16
+
+
+def test_cpu_slowdown_probe():
+    """The probe measures: float32 against itself is about 1; on an x86 CPU without fp16
+    arithmetic instructions fp16 is emulated, many times slower."""
+    from pathlib import Path
+
+    from sdlite.precision import CPU_SLOWDOWN_LIMIT, cpu_slowdown
+
+    assert 0.2 < cpu_slowdown(torch.float32) < 5
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    if " avx512f" in flags and not any(f in flags for f in (" avx512_fp16", " amx_fp16")):
+        assert cpu_slowdown(torch.float16) > CPU_SLOWDOWN_LIMIT
+
+
 def test_unknown_memory_mode_is_an_error(tiny):
     from sdlite.errors import InputError
 

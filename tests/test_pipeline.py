@@ -281,8 +281,12 @@ def test_nan_latents_are_an_error_not_a_black_image(tiny_sd, monkeypatch):
         tiny_sd.txt2img(PROMPT, width=32, height=32, steps=1)
 
 
-def test_half_precision_vae_nan_is_retried_in_float32(tiny):
+def test_half_precision_vae_nan_is_retried_in_float32(tiny, monkeypatch):
+    from sdlite import precision
+
+    monkeypatch.setattr(precision, "cpu_slowdown", lambda dtype: 1.0)  # compute in bf16 even if emulated
     sd = StableDiffusion(tiny.folder, dtype=torch.bfloat16)
+    assert sd.dtype == torch.bfloat16
     real_decode = sd.vae.decode
 
     def flaky(z):  # what a broken fp16 VAE does: overflow to inf/NaN in half precision only

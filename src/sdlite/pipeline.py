@@ -25,7 +25,7 @@ from PIL import Image
 
 from . import attention as attn
 from . import images as imgs
-from . import parking, samplers, schedule, tiling
+from . import parking, precision, samplers, schedule, tiling
 from .checkpoint import Checkpoint, open_checkpoint
 from .parking import HostCopy
 from .precision import compute_in
@@ -124,6 +124,8 @@ class StableDiffusion:
         self.checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model, ema=ema)
         self.device = torch.device(device)
         self.dtype = dtype or _default_dtype(self.device)
+        self.storage_dtype = None  # set when a reduced compute dtype falls back to float32
+        self._check_cpu_dtype()
         self.memory = memory
         # CUDA graphs replay the same kernels (exact mode), so they are on by default on CUDA.
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
@@ -155,11 +157,12 @@ class StableDiffusion:
         stored = self.checkpoint.dtype
         keep_stored = self.device.type == "cpu" and stored != self.dtype and stored in (torch.float16, torch.bfloat16) \
             and self.dtype == torch.float32
+        # float32 compute chosen over a slow reduced dtype: the weights are stored in that dtype
+        load_dtype = None if keep_stored else (self.storage_dtype or self.dtype)
         # quantized while loading; an int8 file is used as it is
         int8 = self.quantize == "int8" or (component == "unet" and self._fast_cpu)
-        model = self.checkpoint.load(component, None if keep_stored else self.dtype, self.load_device(component),
-                                     int8=int8)
-        model = compute_in(model, self.dtype) if keep_stored else model
+        model = self.checkpoint.load(component, load_dtype, self.load_device(component), int8=int8)
+        model = compute_in(model, self.dtype) if keep_stored or self.storage_dtype else model
         # The re-packed weights' file pages can be dropped when they are this load's own memory
         # map (released checkpoint, stored float32).
         return self.prepare(component, model, release=self.checkpoint.tensors is None and stored == torch.float32)
@@ -198,6 +201,18 @@ class StableDiffusion:
 
             unet = GraphedUNet(unet)
         return unet
+
+    def _check_cpu_dtype(self) -> None:
+        """A reduced compute dtype that this CPU only emulates becomes float32 compute (weights
+        stored in the reduced dtype, computed layer by layer), with a warning."""
+        if self.device.type != "cpu" or self.dtype not in (torch.float16, torch.bfloat16):
+            return
+        slowdown = precision.cpu_slowdown(self.dtype)
+        if slowdown > precision.CPU_SLOWDOWN_LIMIT:
+            name = str(self.dtype).removeprefix("torch.")
+            warnings.warn(f"{name} compute is {slowdown:.0f}x slower than float32 on this CPU (no native {name} "
+                          f"instructions): computing in float32, weights stored in {name}", stacklevel=3)
+            self.dtype, self.storage_dtype = torch.float32, self.dtype
 
     def load_device(self, component: str) -> torch.device:
         """Where a component is loaded: a parked model into host memory (it reaches the device

@@ -9,9 +9,16 @@ stay plain); parameters and keys are untouched.
 
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# A reduced compute dtype this many times slower than float32 on the CPU is not worth it: the
+# pipeline computes in float32 instead (weights stay stored in the reduced dtype).
+CPU_SLOWDOWN_LIMIT = 2.0
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -67,3 +74,28 @@ def weights_dtype(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
     return max(counts, key=counts.get)
+
+
+@functools.cache
+def cpu_slowdown(dtype: torch.dtype) -> float:
+    """How many times slower than float32 this CPU runs a small matmul and 3x3 convolution in
+    `dtype`, measured once per process (a few ms; up to ~0.1 s where `dtype` is emulated).
+
+    CPUs without native bf16/fp16 instructions emulate them: on an AVX-512 Xeon without
+    AVX512-BF16/FP16, bf16 ran about 5x and fp16 several hundred times slower than float32."""
+    g = torch.Generator().manual_seed(0)
+    a, x, w = torch.randn(128, 128, generator=g), torch.randn(1, 32, 16, 16, generator=g), torch.randn(32, 32, 3, 3,
+                                                                                                        generator=g)
+
+    def best_of(dt: torch.dtype, reps: int = 3) -> float:
+        a2, x2, w2 = a.to(dt), x.to(dt), w.to(dt)
+        times = []
+        for _ in range(reps + 1):  # the first run warms up (kernel choice, allocation)
+            start = time.perf_counter()
+            a2 @ a2
+            F.conv2d(x2, w2, padding=1)
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    with torch.inference_mode():
+        return best_of(dtype) / best_of(torch.float32)
