@@ -27,7 +27,11 @@ class GraphedUNet(nn.Module):
     """Wraps a CUDA UNet: the first call per input shape is captured, later calls replay.
 
     Inputs are copied into static buffers before each replay and the output is returned as a
-    fresh tensor, so callers may keep it across steps (PLMS does).
+    fresh tensor, so callers may keep it across steps (PLMS does). A graph reads the weights at
+    the addresses they had when it was captured: `forget_if_weights_moved()` (the pipeline calls
+    it before each denoising loop) drops the graphs when any weight was replaced since (e.g.
+    `load_state_dict(..., assign=True)` of other weights), so they are captured again instead of
+    reading freed memory. Changes in place (`weight += delta`) keep the addresses and are seen.
     """
 
     def __init__(self, unet: nn.Module, warmup: int = 2):
@@ -36,10 +40,24 @@ class GraphedUNet(nn.Module):
         self.warmup = warmup
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = None
+        self._addresses = self._weight_addresses()
 
     @property
     def cfg(self):
         return self.unet.cfg
+
+    def _weight_addresses(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in list(self.unet.parameters()) + list(self.unet.buffers()))
+
+    def forget_if_weights_moved(self) -> bool:
+        """Drop the captured graphs if a weight is no longer where they read it; True if dropped."""
+        addresses = self._weight_addresses()
+        if addresses == self._addresses:
+            return False
+        self._graphs.clear()
+        self._pool = None
+        self._addresses = addresses
+        return True
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if t.ndim == 0:

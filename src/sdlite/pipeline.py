@@ -322,7 +322,9 @@ class StableDiffusion:
                                      cfg_batch=self.memory != "low")
         model = denoiser.bind(cond, uncond, job.guidance_scale, extra_channels)
         options = {"eta": job.eta} if job.sampler in ("ddim", "euler_a") and job.eta is not None else {}
-        with self._stage("unet"), torch.inference_mode():
+        with self._stage("unet") as unet, torch.inference_mode():
+            if hasattr(unet, "forget_if_weights_moved"):  # CUDA graphs read weights at fixed addresses
+                unet.forget_if_weights_moved()
             x = samplers.get_sampler(job.sampler)(model, x, sigmas, callback=callback,
                                                   noise_sampler=self._noise_sampler(x, job), **options)
         return samplers.to_vp(x, sigmas[-1])
