@@ -4,7 +4,9 @@
 - fast mode (torch.compile) vs exact mode: PSNR of the decoded images (target >= 40 dB);
 - the streamed VAE decode (streaming.py) vs the plain one: max diff, time, peak allocated;
 - memory="normal" (text encoder and VAE parked in host memory) vs "high" (all on the GPU):
-  identical images, seconds per image of each.
+  identical images, seconds per image of each;
+- CUDA graphs after the UNet's weights were replaced (same values, new tensors): captured again,
+  identical latents.
 
     python benchmarks/cuda_checks.py [--steps 20] [--json OUT]
 """
@@ -53,6 +55,10 @@ def main(argv=None) -> int:
     graphs = graphs_sd.txt2img(prompt, **kw)
     out["graphs_vs_eager_latent_max_diff"] = (graphs.latents - eager.latents).abs().max().item()
     out["graphs_vs_eager_psnr"] = psnr(graphs.images[0], eager.images[0])
+    unet = graphs_sd.unet.unet  # inside the GraphedUNet: move every weight to a new tensor
+    unet.load_state_dict({k: v.clone() for k, v in unet.state_dict().items()}, assign=True)
+    again = graphs_sd.txt2img(prompt, **kw)
+    out["graphs_after_weights_moved_latent_max_diff"] = (again.latents - graphs.latents).abs().max().item()
 
     out["streamed_decode"] = streamed_vs_plain(graphs_sd, graphs.latents)
     out["parking"] = parked_vs_high(graphs_sd, StableDiffusion(path, device="cuda", memory="high"), prompt, kw)
