@@ -84,8 +84,8 @@ def cpu_slowdown(dtype: torch.dtype) -> float:
     CPUs without native bf16/fp16 instructions emulate them: on an AVX-512 Xeon without
     AVX512-BF16/FP16, bf16 ran about 5x and fp16 several hundred times slower than float32."""
     g = torch.Generator().manual_seed(0)
-    a, x, w = torch.randn(128, 128, generator=g), torch.randn(1, 32, 16, 16, generator=g), torch.randn(32, 32, 3, 3,
-                                                                                                        generator=g)
+    a = torch.randn(128, 128, generator=g)
+    x, w = torch.randn(1, 32, 16, 16, generator=g), torch.randn(32, 32, 3, 3, generator=g)
 
     def best_of(dt: torch.dtype, reps: int = 3) -> float:
         a2, x2, w2 = a.to(dt), x.to(dt), w.to(dt)
