@@ -52,19 +52,19 @@ class HostCopy:
         self.model = model
         tensors = _tensors(model)
         self.signature = _signature(tensors)
-        self.parts: dict[str, list[str]] = {part: [] for part in (parts or {})}
-        self.parts[REST] = []
+        parts = parts or {}
+        self.parts: dict[str, list[str]] = {part: [] for part in [*parts, REST]}
         for name, _ in tensors:
-            part = next((p for p, prefixes in (parts or {}).items() if name.startswith(prefixes)), REST)
+            part = next((p for p, prefixes in parts.items() if name.startswith(prefixes)), REST)
             self.parts[part].append(name)
         self.layout, self.ranges, size = {}, {}, 0  # name -> (byte offset, shape, dtype); part -> (lo, hi)
-        shapes = dict(tensors)
+        by_name = dict(tensors)
         for part, names in self.parts.items():
             lo = size = -(-size // ALIGN) * ALIGN
             for name in names:
-                size = -(-size // ALIGN) * ALIGN
-                self.layout[name] = (size, shapes[name].shape, shapes[name].dtype)
-                size += shapes[name].numel() * shapes[name].element_size()
+                t, size = by_name[name], -(-size // ALIGN) * ALIGN
+                self.layout[name] = (size, t.shape, t.dtype)
+                size += t.numel() * t.element_size()
             self.ranges[part] = (lo, size)
         pin = torch.cuda.is_available() if pin is None else pin
         with torch.inference_mode(False), torch.no_grad():
