@@ -49,6 +49,10 @@ def main(argv=None) -> int:
     kw = dict(width=args.size, height=args.size, steps=args.steps, sampler="ddim", seed=3)
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps, "size": args.size}
     prompt = "a photograph of an astronaut riding a horse"
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after each part: a run cut short keeps what it checked
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
     eager = StableDiffusion(path, device="cuda", cuda_graphs=False).txt2img(prompt, **kw)
     graphs_sd = StableDiffusion(path, device="cuda")
@@ -59,9 +63,12 @@ def main(argv=None) -> int:
     unet.load_state_dict({k: v.clone() for k, v in unet.state_dict().items()}, assign=True)
     again = graphs_sd.txt2img(prompt, **kw)
     out["graphs_after_weights_moved_latent_max_diff"] = (again.latents - graphs.latents).abs().max().item()
+    save()
 
     out["streamed_decode"] = streamed_vs_plain(graphs_sd, graphs.latents)
+    save()
     out["parking"] = parked_vs_high(graphs_sd, StableDiffusion(path, device="cuda", memory="high"), prompt, kw)
+    save()
     del graphs_sd
     torch.cuda.empty_cache()
 
@@ -77,6 +84,7 @@ def main(argv=None) -> int:
     out["sdlite_vs_diffusers_latent_max_diff"] = (eager.latents.cpu() - lat["x"]).abs().max().item()
     out["sdlite_vs_diffusers_latent_max_abs"] = lat["x"].abs().max().item()
     out["sdlite_vs_diffusers_psnr"] = psnr(eager.images[0], ref.images[0])
+    save()
     del pipe
     torch.cuda.empty_cache()
 
@@ -86,8 +94,7 @@ def main(argv=None) -> int:
     out["fast_first_image_s"] = time.perf_counter() - t0
     out["fast_vs_exact_psnr"] = psnr(first.images[0], eager.images[0])
     out["fast_vs_exact_latent_max_diff"] = (first.latents - eager.latents).abs().max().item()
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    save()
     print(json.dumps(out, indent=1))
     return 0
 

@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
 # One GPU session: install the carried wheels (.whl/: diffusers, ftfy, ...), then run the CUDA
-# checks and benchmarks, writing JSON to $OUT as each part finishes. Usage on the device machine:
-#   bash benchmarks/device_run.sh [checks] [speed] [speed1024] [memory]
-# One run call allows 600 s and a session about 15 min of device time in all (start-up included):
-# run `checks memory` (about 6 min) in one call and `speed1024` (or `speed`) in the next.
+# checks and benchmarks, writing JSON to $OUT as each row finishes. Usage on the device machine:
+#   DEADLINE=570 bash benchmarks/device_run.sh [memory] [checks] [speed] [speed1024] [speedboth]
+# Parts run in the order given; each gets its own cap or what is left of DEADLINE seconds
+# (counted from the start of this script), whichever is less. One run call allows 600 s.
+# speedboth = speed.py at 512 and 1024 in one process (each variant loaded once).
 set -uo pipefail
+start=$SECONDS
+deadline=${DEADLINE:-570}
 OUT=${OUT:-benchmarks/results}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-parts=${*:-checks speed memory}
-for part in $parts; do
+for part in ${*:-memory checks speedboth}; do
+  left=$((deadline - (SECONDS - start) - 5))
+  case $part in checks) cap=170 ;; memory) cap=200 ;; speed) cap=270 ;; *) cap=420 ;; esac
+  t=$((left < cap ? left : cap))
+  if [ "$t" -lt 30 ]; then echo "== $part skipped: ${left}s left"; continue; fi
+  echo "== $part (limit ${t}s, $((SECONDS - start))s in)"
   case $part in
-    checks) timeout 170 python3 benchmarks/cuda_checks.py --json "$OUT/cuda-checks.json" ;;
-    speed) timeout 270 python3 benchmarks/speed.py --device cuda --size 512 --steps 50 --reps 2 --fast \
+    checks) timeout $t python3 benchmarks/cuda_checks.py --json "$OUT/cuda-checks.json" ;;
+    memory) timeout $t python3 benchmarks/memory.py --device cuda --steps 10 --json "$OUT/memory-cuda.json" ;;
+    speed) timeout $t python3 benchmarks/speed.py --device cuda --size 512 --steps 50 --reps 2 --fast \
              --diffusers-compile --json "$OUT/speed-cuda.json" ;;
-    speed1024) timeout 400 python3 benchmarks/speed.py --device cuda --size 1024 --steps 50 --reps 2 --fast \
+    speed1024) timeout $t python3 benchmarks/speed.py --device cuda --size 1024 --steps 50 --reps 2 --fast \
              --diffusers-compile --no-cold --json "$OUT/speed-cuda-1024.json" ;;
-    memory) timeout 200 python3 benchmarks/memory.py --device cuda --steps 10 --json "$OUT/memory-cuda.json" ;;
+    speedboth) timeout $t python3 benchmarks/speed.py --device cuda --size 512,1024 --steps 50 --reps 2 --fast \
+             --diffusers-compile --no-cold --json "$OUT/speed-cuda-both.json" ;;
   esac
-  echo "== $part rc=$?"
+  echo "== $part rc=$? at $((SECONDS - start))s"
 done

@@ -241,6 +241,8 @@ def main(argv=None) -> int:
         return 0
     names = args.configs.split(",") if args.configs else (CUDA_DEFAULT if args.device == "cuda" else CPU_DEFAULT)
     prepare(workdir, {CONFIGS[n][1]["file"] for n in names})
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"memory-{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
         cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--steps", str(args.steps),
@@ -251,9 +253,7 @@ def main(argv=None) -> int:
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    out = Path(args.json or ROOT / "benchmarks" / "results" / f"memory-{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+        out.write_text(json.dumps(rows, indent=1))  # after each row: a run cut short keeps what it measured
     print(markdown(rows))
     return 0
 

@@ -210,15 +210,24 @@ def main(argv=None) -> int:
     variants.append(("diffusers", lambda: DiffusersRunner(path, args.device, dtype, config)))
     if args.diffusers_compile:
         variants.append(("diffusers-compile", lambda: DiffusersRunner(path, args.device, dtype, config, compile=True)))
+    meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"speed-{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
+
+    def emit(row):  # the JSON is rewritten after each row: a run cut short keeps what it measured
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
     flops = {}
     if args.interleave:
         runners = [(name, make()) for name, make in variants]
         for size in sizes:
             flops[size] = sd_unet_flops(size)
             for row in measure_interleaved(runners, args.device, dtype, size, steps, args.reps, flops[size]):
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+                emit(row)
         del runners
         variants = []
     for name, make in variants:
@@ -230,22 +239,15 @@ def main(argv=None) -> int:
                 flops[size] = sd_unet_flops(size)
             row = measure(runner, name, args.device, dtype, size, steps, args.reps, flops[size])
             row["load_s"] = load_s
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            emit(row)
         del runner
         if cuda:
             torch.cuda.empty_cache()
     if not args.no_cold:
         for impl in ("sdlite", "diffusers"):
             cs = cold_start(impl, path, args.device, "float16" if cuda else "float32", sizes[0], steps, config)
-            rows.append({"name": f"{impl}-cold-start", "device": args.device, "size": sizes[0], "steps": steps,
-                         "cold_start_s": cs})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if cuda else "cpu",
-            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
-    out = Path(args.json or ROOT / "benchmarks" / "results" / f"speed-{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            emit({"name": f"{impl}-cold-start", "device": args.device, "size": sizes[0], "steps": steps,
+                  "cold_start_s": cs})
     print(markdown(rows, meta))
     return 0
 
