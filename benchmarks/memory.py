@@ -69,7 +69,7 @@ class StageMeter:
     """Peak memory per named stage: a sampling thread on CPU, allocator stats on CUDA."""
 
     def __init__(self, device: str):
-        self.device, self.stage, self.peaks = device, None, {}
+        self.device, self.stage, self.peaks, self.bases = device, None, {}, {}
         self.step_times: list[float] = []
         if device == "cpu":
             threading.Thread(target=self._sample, daemon=True).start()
@@ -91,6 +91,7 @@ class StageMeter:
 
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self.bases.setdefault(stage, torch.cuda.memory_allocated())  # what the stage starts on
         self.stage = stage
 
     def leave(self):
@@ -187,7 +188,7 @@ def child(name: str, device: str, steps: int, workdir: Path) -> dict:
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
     out = {"name": name, "impl": impl, **opts, "device": device, "steps": steps, "seconds_total": total,
-           "seconds_per_step": per_step, "stage_peaks": meter.peaks}
+           "seconds_per_step": per_step, "stage_peaks": meter.peaks, "stage_bases": meter.bases}
     if device == "cuda":
         import torch
 

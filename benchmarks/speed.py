@@ -31,6 +31,14 @@ PROMPT = "a photograph of an astronaut riding a horse"
 NEG = "blurry"
 
 
+def psnr(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = ((a - b) ** 2).mean()
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
 def sync(device):
     import torch
 
@@ -76,11 +84,16 @@ def sd_unet_flops(size: int) -> int:
 
 
 class SdliteRunner:
-    def __init__(self, path, device, dtype, **options):
+    def __init__(self, path, device, dtype, channels_last=False, **options):
         from sdlite.pipeline import StableDiffusion
 
         self.sd = StableDiffusion(path, device=device, dtype=dtype, **options)
         self.device = device
+        if channels_last:  # an experiment: the UNet's convolution weights in NHWC, eager kernels
+            import torch
+
+            unet = self.sd.unet
+            getattr(unet, "unet", unet).to(memory_format=torch.channels_last)
 
     def unet(self):
         return self.sd.unet
@@ -189,6 +202,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-start children")
     ap.add_argument("--interleave", action="store_true",
                     help="load every variant at once and time them in round-robin order (needs the memory of all)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset of sdlite, sdlite-no-graphs, sdlite-channels-last (CUDA), "
+                         "sdlite-fast, diffusers, diffusers-compile")
     ap.add_argument("--workdir", default=str(ROOT / ".cache" / "bench"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -205,11 +221,19 @@ def main(argv=None) -> int:
     variants = [("sdlite", lambda: SdliteRunner(path, args.device, dtype))]
     if cuda:
         variants.append(("sdlite-no-graphs", lambda: SdliteRunner(path, args.device, dtype, cuda_graphs=False)))
+        variants.append(("sdlite-channels-last", lambda: SdliteRunner(path, args.device, dtype, channels_last=True)))
     if args.fast:
         variants.append(("sdlite-fast", lambda: SdliteRunner(path, args.device, dtype, fast=True)))
     variants.append(("diffusers", lambda: DiffusersRunner(path, args.device, dtype, config)))
     if args.diffusers_compile:
         variants.append(("diffusers-compile", lambda: DiffusersRunner(path, args.device, dtype, config, compile=True)))
+    if args.variants:
+        keep = args.variants.split(",")
+        unknown = set(keep) - {name for name, _ in variants}
+        if unknown:
+            ap.error(f"unknown variants {sorted(unknown)} (with these options: {[n for n, _ in variants]})")
+        variants = [v for v in variants if v[0] in keep]
+    images = {}  # (variant, size) -> the image of seed 1, to compare sdlite variants with each other
     meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if cuda else "cpu",
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"speed-{args.device}.json")
@@ -239,6 +263,9 @@ def main(argv=None) -> int:
                 flops[size] = sd_unet_flops(size)
             row = measure(runner, name, args.device, dtype, size, steps, args.reps, flops[size])
             row["load_s"] = load_s
+            images[name, size] = runner.generate(size, steps, seed=1)
+            if name != "sdlite" and ("sdlite", size) in images:
+                row["psnr_vs_sdlite"] = psnr(images[name, size], images["sdlite", size])
             emit(row)
         del runner
         if cuda:

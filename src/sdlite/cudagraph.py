@@ -40,6 +40,7 @@ class GraphedUNet(nn.Module):
         self.warmup = warmup
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = None
+        self._stream = None
         self._addresses = self._weight_addresses()
 
     @property
@@ -74,14 +75,19 @@ class GraphedUNet(nn.Module):
 
     def _capture(self, x, t, context) -> _Captured:
         sx, st, sc = x.clone(), t.clone(), context.clone()
-        stream = torch.cuda.Stream()
+        # Warm-up and capture run on one side stream, the same for every capture: cuBLAS keeps a
+        # workspace (32 MiB on Hopper) for each stream it has run on, for good, so a fresh stream
+        # per capture plus torch.cuda.graph's own capture stream held two more of them.
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(self.warmup):  # lets cuDNN/cuBLAS pick and allocate before capture
                 self.unet(sx, st, sc)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream), torch.inference_mode():
             out = self.unet(sx, st, sc)
         self._pool = graph.pool()  # graphs of other shapes share one memory pool
         return _Captured(graph, sx, st, sc, out)

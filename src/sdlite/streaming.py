@@ -40,6 +40,8 @@ STREAM_ABOVE_BYTES = 64 * 2**20
 # two rows each; 16 MiB was the fastest of 4-64 MiB for SD at 512x512 on a 2-core CPU with the
 # packed kernels (7.6-7.8 s per decode; 32 MiB 7.9-8.5 s; 4 MiB 8.4-8.7 s; plain decode 8.1-8.3 s).
 BAND_BYTES = 16 * 2**20
+# Rows of float32 at a time when GroupNorm statistics are gathered (see _group_norm_affine).
+STATS_BYTES = 4 * 2**20
 
 
 class Banded:
@@ -201,12 +203,15 @@ def _norm_act_conv(x: Banded, norm: nn.GroupNorm | None, conv: nn.Module, *, con
     height = x.height
     rows = _band_rows(x, max(x.shape[1], getattr(conv, "out_channels", 0)))  # the larger of input and output
     out = []
+    step = max(1, STATS_BYTES // _bytes(x.shape[0], x.shape[1], 1, x.shape[3], torch.float32))
 
     def normalize(part: torch.Tensor, dst: torch.Tensor) -> None:
         if dst.dtype == a.dtype:
             torch.addcmul(b, part, a, out=dst)
-        else:  # reduced precision: normalise in float32, round once, as GroupNorm does
-            dst.copy_(torch.addcmul(b, part.to(a.dtype), a))
+        else:  # reduced precision: normalise in float32, round once, as GroupNorm does (in pieces:
+            # float32 copies of a whole band would add 4x a band to the peak)
+            for p, d in zip(part.split(step, dim=2), dst.split(step, dim=2)):
+                d.copy_(torch.addcmul(b, p.to(a.dtype), a))
 
     for lo in range(0, height, rows):
         hi = min(lo + rows, height)
@@ -272,19 +277,24 @@ def _group_norm_affine(x: Banded, norm: nn.GroupNorm) -> tuple[torch.Tensor, tor
     # the mean is large against the spread (plain float32 sums of x^2 would). float32 reductions
     # (pairwise sums) merged in float64 (on the CPU for MPS, which has no float64); the squares
     # go through one scratch band (float64 conversions, var_mean or vector_norm were 6-30x slower).
+    # Taken STATS_BYTES of float32 rows at a time: a whole band's float32 copy and scratch would
+    # add 4x a float16 band to the peak.
     merge = torch.device("cpu") if x.device.type == "mps" else x.device
     k = None
     s1 = s2 = 0
     scratch = None
-    for band in x.parts(0, x.height):
-        band = band.float()  # a copy only in reduced precision
-        if k is None:
-            k = band.mean(dim=(2, 3), keepdim=True)
-        if scratch is None or scratch.shape != band.shape:
-            scratch = torch.empty_like(band)
-        d = torch.sub(band, k, out=scratch)
-        s1 = s1 + d.sum(dim=(2, 3)).to(merge, torch.float64)
-        s2 = s2 + d.mul_(d).sum(dim=(2, 3)).to(merge, torch.float64)
+    step = max(1, STATS_BYTES // _bytes(n, c, 1, x.shape[3], torch.float32))
+    for part in x.parts(0, x.height):
+        for chunk in part.split(step, dim=2):
+            chunk = chunk.float()  # a copy only in reduced precision
+            if k is None:
+                k = chunk.mean(dim=(2, 3), keepdim=True)
+            if scratch is None or scratch.shape != chunk.shape:
+                scratch = torch.empty_like(chunk)
+            d = torch.sub(chunk, k, out=scratch)
+            s1 = s1 + d.sum(dim=(2, 3)).to(merge, torch.float64)
+            s2 = s2 + d.mul_(d).sum(dim=(2, 3)).to(merge, torch.float64)
+            del chunk, d
     del scratch
     per = c // g
     count = x.height * x.shape[3]  # per channel
