@@ -171,8 +171,7 @@ def test_full_sd_streamed_holds_half_the_activations(full_vae):
 def test_reduced_precision_stream_adds_no_float32_band_copies(full_vae):
     """GroupNorm in bfloat16/float16 is computed in float32; the streamed decode does that a few
     rows at a time, so its activations are about half the float32 decode's (384x384: 101 vs 190
-    MiB). Whole-band float32 copies, as before, made it 128 MiB (0.67x); on an H100 that was 47
-    MiB more peak memory at 512x512."""
+    MiB). Whole-band float32 copies, as before, made it 128 MiB (0.67x)."""
     import copy
 
     z = latents((1, 4, 48, 48), 4)
@@ -242,3 +241,12 @@ def test_pipeline_streams_decode_always_and_encode_outside_low_mode(tiny, tiny_b
     init = Image.new("RGB", (32, 24), (120, 60, 200))
     sd.img2img("a red house", init, strength=0.5, steps=2, sampler="ddim", seed=1)
     assert used == (["decode"] if memory == "low" else ["encode", "decode"])
+
+
+def test_band_size_off_the_cpu():
+    """Bands are BAND_BYTES on the CPU (cache-sized, fastest there) and DEVICE_BAND_BYTES on a GPU
+    (smaller, for a lower peak): the 256-channel 512x512 float16 map of SD's decoder (128 MiB)."""
+    cpu = torch.empty((1, 256, 512, 512), dtype=torch.float16, device="cpu")
+    gpu_like = torch.empty((1, 256, 512, 512), dtype=torch.float16, device="meta")
+    assert streaming._band_rows(cpu) * 256 * 512 * 2 == streaming.BAND_BYTES == 16 * 2**20
+    assert streaming._band_rows(gpu_like) * 256 * 512 * 2 == streaming.DEVICE_BAND_BYTES == 8 * 2**20
