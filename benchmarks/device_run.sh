@@ -33,6 +33,8 @@ for part in ${*:-memory checks speedboth}; do
              --variants sdlite,sdlite-no-graphs,sdlite-channels-last,diffusers --json "$OUT/speed-cuda-exact.json" ;;
     fast1024) timeout $t python3 benchmarks/speed.py --device cuda --size 1024 --steps 50 --reps 2 --no-cold --fast \
              --diffusers-compile --variants sdlite-fast,diffusers-compile --json "$OUT/speed-cuda-fast-1024.json" ;;
+    compile1024) timeout $t python3 benchmarks/speed.py --device cuda --size 1024 --steps 50 --reps 2 --no-cold \
+             --diffusers-compile --variants diffusers-compile --json "$OUT/speed-cuda-compile-1024.json" ;;
     speedboth) timeout $t python3 benchmarks/speed.py --device cuda --size 512,1024 --steps 50 --reps 2 --fast \
              --diffusers-compile --no-cold --json "$OUT/speed-cuda-both.json" ;;
   esac
