@@ -324,6 +324,16 @@ def test_separate_vae_file(capsys, tiny, tiny_file, tmp_path, monkeypatch):
         assert pixels(pngs(out_dir)[0]).mean() > reference.mean() + 20, memory
 
 
+def test_channels_last_off_cuda_is_an_error(capsys, tiny_file, tmp_path):
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, "--device", "cpu", "--channels-last", "on", *FAST,
+                     "-o", tmp_path)
+    assert rc == 2  # bad input
+    one_line_error(err, "channels_last=True needs device='cuda'")
+    rc, _, _ = run(capsys, "txt2img", "x", "-m", tiny_file, "--device", "cpu", "--channels-last", "off", *FAST,
+                   "-o", tmp_path)
+    assert rc == 0 and len(pngs(tmp_path)) == 1
+
+
 def test_vae_errors(capsys, tiny_file, tmp_path):
     rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, "--vae", tiny_file, *FAST, "-o", tmp_path)
     assert rc == 1

@@ -267,6 +267,8 @@ def _generation_parent() -> argparse.ArgumentParser:
     g.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
                    help="decode/encode the VAE in overlapping tiles: auto = above 768 px a side or on out-of-memory "
                         "(below that, large decodes run in exact row bands); off = plain one-call decode")
+    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="UNet convolutions in NHWC layout (CUDA only): auto = on for float weights on CUDA")
     g.add_argument("--fast", action="store_true",
                    help="fast mode (not exact): torch.compile on CUDA (a one-time warm-up; within 40 dB PSNR of exact); "
                         "int8 x int8 UNet products on a CPU with VNNI (within 35 dB PSNR of exact)")
@@ -410,7 +412,8 @@ def cmd_generate(args, ui: UI) -> int:
     run.outdir = meta.check_outdir(run.outdir)
     model = load_model(args.model, args.vae, args.device, args.dtype, ui, memory=args.memory,
                        quantize=args.quantize, attention=args.attention, attention_chunk=args.attention_chunk,
-                       vae_tiling=args.vae_tiling, fast=args.fast)
+                       vae_tiling=args.vae_tiling, fast=args.fast,
+                       channels_last={"auto": None, "on": True, "off": False}[args.channels_last])
     if model.sd.is_inpainting_model and run.mode != "inpaint":
         raise InputError(f"{model.name} is an inpainting checkpoint (9-channel UNet): use 'sdlite inpaint'")
     if run.expected_hash and model.hash and run.expected_hash != model.hash:
