@@ -131,12 +131,13 @@ class DiffusersRunner:
                          callback_on_step_end=cb).images[0]
 
 
-def measure(runner, name, device, dtype, size, steps, reps, flops) -> dict:
-    """One runner warm: its UNet call (2 per repetition), per-step and end-to-end times."""
-    return measure_interleaved([(name, runner)], device, dtype, size, steps, reps, flops)[0]
+def measure(runner, name, device, dtype, size, steps, reps, flops, images=None) -> dict:
+    """One runner warm: its UNet call (2 per repetition), per-step and end-to-end times;
+    `images[name, size]` gets the warm-up image (seed 1) when a dict is given."""
+    return measure_interleaved([(name, runner)], device, dtype, size, steps, reps, flops, images)[0]
 
 
-def measure_interleaved(runners, device, dtype, size, steps, reps, flops) -> list[dict]:
+def measure_interleaved(runners, device, dtype, size, steps, reps, flops, images=None) -> list[dict]:
     """`measure` for several runners at once, in round-robin order (A B C A B C ...), so that a
     slow drift of this shared machine's speed falls on every variant alike."""
     import torch
@@ -153,7 +154,9 @@ def measure_interleaved(runners, device, dtype, size, steps, reps, flops) -> lis
             runner.unet()(x, t, c)
             sync(device)
             stats[name]["warmup"] = time.perf_counter() - t0
-            runner.generate(size, steps, seed=1)
+            image = runner.generate(size, steps, seed=1)
+            if images is not None:
+                images[name, size] = image
         for _ in range(reps):
             for name, runner in runners:
                 unet, st = runner.unet(), stats[name]
@@ -261,9 +264,8 @@ def main(argv=None) -> int:
         for size in sizes:
             if size not in flops:
                 flops[size] = sd_unet_flops(size)
-            row = measure(runner, name, args.device, dtype, size, steps, args.reps, flops[size])
+            row = measure(runner, name, args.device, dtype, size, steps, args.reps, flops[size], images)
             row["load_s"] = load_s
-            images[name, size] = runner.generate(size, steps, seed=1)
             if name != "sdlite" and ("sdlite", size) in images:
                 row["psnr_vs_sdlite"] = psnr(images[name, size], images["sdlite", size])
             emit(row)

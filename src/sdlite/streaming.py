@@ -182,6 +182,12 @@ def _band_rows(x: torch.Tensor | Banded, channels: int | None = None) -> int:
     return rows
 
 
+def _float32_rows(x: Banded) -> int:
+    """Rows of x that take STATS_BYTES in float32 (at least one)."""
+    n, c, _, w = x.shape
+    return max(1, STATS_BYTES // _bytes(n, c, 1, w, torch.float32))
+
+
 def _resnet(block: nn.Module, x: Banded) -> Banded:
     """x + conv2(silu(norm2(conv1(silu(norm1(x)))))) with the 1x1 shortcut when widths differ."""
     shortcut = getattr(block, "nin_shortcut", None)
@@ -207,7 +213,7 @@ def _norm_act_conv(x: Banded, norm: nn.GroupNorm | None, conv: nn.Module, *, con
     height = x.height
     rows = _band_rows(x, max(x.shape[1], getattr(conv, "out_channels", 0)))  # the larger of input and output
     out = []
-    step = max(1, STATS_BYTES // _bytes(x.shape[0], x.shape[1], 1, x.shape[3], torch.float32))
+    step = _float32_rows(x)
 
     def normalize(part: torch.Tensor, dst: torch.Tensor) -> None:
         if dst.dtype == a.dtype:
@@ -287,7 +293,7 @@ def _group_norm_affine(x: Banded, norm: nn.GroupNorm) -> tuple[torch.Tensor, tor
     k = None
     s1 = s2 = 0
     scratch = None
-    step = max(1, STATS_BYTES // _bytes(n, c, 1, x.shape[3], torch.float32))
+    step = _float32_rows(x)
     for part in x.parts(0, x.height):
         for chunk in part.split(step, dim=2):
             chunk = chunk.float()  # a copy only in reduced precision
