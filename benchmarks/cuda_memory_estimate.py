@@ -31,30 +31,67 @@ sys.path.insert(0, str(ROOT / "tests"))
 GiB = 1024**3
 PROMPT = "a photograph of an astronaut riding a horse"
 CONFIGS = {"normal": dict(), "high": dict(memory="high"), "high-plainvae": dict(memory="high", vae_tiling="off"),
-           "normal-plainvae": dict(vae_tiling="off")}
+           "normal-plainvae": dict(vae_tiling="off"),
+           # low + int8 file; "-cfg2" runs the two CFG halves as one batch-2 call
+           "low-int8": dict(memory="low", file="int8"), "low-int8-cfg2": dict(memory="low", file="int8", cfg_batch=True)}
 
 
-def model_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+def device_bytes(model) -> int:
+    """A model's bytes on a CUDA device in fp16: float weights 2 bytes, int8 weights 1, their
+    float32 scales 4."""
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        size = 4 if name.endswith("weight_scale") else 2 if t.is_floating_point() else t.element_size()
+        total += t.numel() * size
+    return total
 
 
-def estimate(path: Path, name: str, size: int, steps: int) -> dict:
+def estimate(workdir: Path, name: str, size: int, steps: int) -> dict:
     import torch
 
     from conftest import LivePeak
     from sdlite import kernels, parking
     from sdlite.pipeline import StableDiffusion
 
+    class Counter(LivePeak):
+        paused = False  # while a low-mode stage loads its model (its weights are added as resident)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if self.paused:
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    options = dict(CONFIGS[name])
+    path = workdir / ("sd15-int8.safetensors" if options.pop("file", None) == "int8" else "sd15-fp32.safetensors")
+    cfg_batch = options.pop("cfg_batch", None)
     kernels.cpu_speed_up = lambda model, release=False: model  # CUDA has no packed CPU weights
     parking.SEPARATE_MEMORY = ("cpu",)
-    sd = StableDiffusion(path, **CONFIGS[name])
+    sd = StableDiffusion(path, **options)
+    if cfg_batch is not None:
+        sd.cfg_batch = cfg_batch
+    models = [m for m in (sd.unet, sd.text_encoder, sd.vae) if m is not None]
     # Resident before counting starts: the UNet always; the text encoder and VAE unless parked
-    # (a parked model's device copy is made, and counted, when its stage starts).
-    resident = model_bytes(sd.unet) + sum(model_bytes(m) for c, m in (("text", sd.text_encoder), ("vae", sd.vae))
-                                          if c not in sd._parked)
-    existing = [t for m in (sd.unet, sd.text_encoder, sd.vae) for t in list(m.parameters()) + list(m.buffers())]
+    # (a parked model's device copy is made, and counted, when its stage starts); in low mode
+    # nothing, and each stage's model while the stage runs.
+    resident = [sum(device_bytes(m) for c, m in (("unet", sd.unet), ("text", sd.text_encoder), ("vae", sd.vae))
+                    if m is not None and c not in sd._parked)]
+    existing = [t for m in models for t in list(m.parameters()) + list(m.buffers())]
     existing += [t for p in sd._parked.values() for t in p.host.values()]
-    counter, stages = LivePeak(exclude={t.untyped_storage().data_ptr() for t in existing}), {}
+    counter, stages = Counter(exclude={t.untyped_storage().data_ptr() for t in existing}), {}
+
+    load = sd.load_component
+
+    def load_uncounted(component):
+        counter.paused = True
+        try:
+            model = load(component)
+        finally:
+            counter.paused = False
+        if sd.memory == "low":
+            resident[0] = device_bytes(model)
+        counter.exclude |= {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        return model
+    sd.load_component = load_uncounted
 
     def wrap(method: str, stage: str):
         fn = getattr(sd, method)
@@ -64,7 +101,8 @@ def estimate(path: Path, name: str, size: int, steps: int) -> dict:
             try:
                 return fn(*a, **k)
             finally:
-                stages[stage] = max(stages.get(stage, 0), resident + counter.peak)
+                # float32 activations here are fp16 on the GPU: half the bytes
+                stages[stage] = max(stages.get(stage, 0), resident[0] + counter.peak / 2)
         setattr(sd, method, wrapped)
 
     for method, stage in (("encode_prompt", "text"), ("denoise", "denoise"), ("decode", "decode")):
@@ -72,9 +110,8 @@ def estimate(path: Path, name: str, size: int, steps: int) -> dict:
     t0 = time.perf_counter()
     with counter:
         sd.txt2img(PROMPT, width=size, height=size, steps=steps, sampler="ddim", seed=1)
-    fp16 = {k: v / 2 for k, v in stages.items()}
-    return {"config": name, "size": size, "steps": steps, "fp16_stage_bytes": fp16, "fp16_peak": max(fp16.values()),
-            "resident_fp16_bytes": resident / 2, "seconds": time.perf_counter() - t0}
+    return {"config": name, "size": size, "steps": steps, "fp16_stage_bytes": stages, "fp16_peak": max(stages.values()),
+            "resident_fp16_bytes": resident[0], "seconds": time.perf_counter() - t0}
 
 
 def main(argv=None) -> int:
@@ -85,11 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=str(ROOT / ".cache" / "bench"))
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    import load_memory
-
     workdir = Path(args.workdir)
-    load_memory.prepare(workdir)
-    rows = [estimate(workdir / "sd15-fp32.safetensors", name, args.size, args.steps) for name in args.configs.split(",")]
+    import memory
+
+    memory.prepare(workdir, {CONFIGS[name].get("file", "fp32") for name in args.configs.split(",")})
+    rows = [estimate(workdir, name, args.size, args.steps) for name in args.configs.split(",")]
     print("| config | size | text | denoise | decode | peak (GiB, fp16 estimate) |\n|---|---|---|---|---|---|")
     for r in rows:
         s = r["fp16_stage_bytes"]

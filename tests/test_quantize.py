@@ -67,6 +67,21 @@ def test_dequantize_keeps_tiny_scales_in_half_precision():
     assert_close(dequantize(q, scale, torch.float16).float(), w, rel=1e-3, what="fp16 dequantize")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_rounds_once_and_holds_no_intermediate_copy(dtype):
+    # It runs on every call of an int8 layer: the result is the float32 product rounded once to
+    # `dtype`, and nothing but the result is allocated (no float32 copy of the weight besides).
+    from conftest import LivePeak
+
+    g = torch.Generator().manual_seed(1)
+    q, scale = quantize_tensor(torch.randn(96, 40, 3, 3, generator=g) * torch.logspace(-7, 0, 96).view(-1, 1, 1, 1))
+    expected = (q.double() * scale.double().view(-1, 1, 1, 1)).float().to(dtype)
+    with LivePeak(exclude={q.untyped_storage().data_ptr(), scale.untyped_storage().data_ptr()}) as counter:
+        w = dequantize(q, scale, dtype)
+    assert w.dtype == dtype and torch.equal(w, expected)
+    assert counter.peak == w.numel() * w.element_size()
+
+
 def test_int8_linear_equals_linear_with_dequantized_weight():
     torch.manual_seed(0)
     lin = nn.Linear(40, 24)

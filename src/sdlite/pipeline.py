@@ -137,6 +137,9 @@ class StableDiffusion:
         self.storage_dtype = None  # set when a reduced compute dtype falls back to float32
         self._check_cpu_dtype()
         self.memory = memory
+        # The two halves of classifier-free guidance as one batch-2 UNet call, or as two calls
+        # with half the activations (low mode).
+        self.cfg_batch = memory != "low"
         # CUDA graphs replay the same kernels (exact mode), so they are on by default on CUDA.
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
@@ -333,7 +336,7 @@ class StableDiffusion:
         """Run the sampler from VE latents at sigmas[0]; returns VP latents (float32)."""
         interpolation = samplers.timestep_interpolation(job.sampler, job.karras)
         denoiser = samplers.Denoiser(self._eps, self.alphas_cumprod, interpolation=interpolation,
-                                     cfg_batch=self.memory != "low")
+                                     cfg_batch=self.cfg_batch)
         model = denoiser.bind(cond, uncond, job.guidance_scale, extra_channels)
         options = {"eta": job.eta} if job.sampler in ("ddim", "euler_a") and job.eta is not None else {}
         with self._stage("unet") as unet, torch.inference_mode():
