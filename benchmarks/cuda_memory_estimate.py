@@ -6,15 +6,20 @@ For sessions without a GPU. It runs the full random-weight SD v1.5 pipeline on t
 float32 with the CPU-only kernels off (kernels.py packs extra weight copies that CUDA never
 makes), so the same layers make the same tensors as on CUDA, and counts op by op the bytes of
 the tensors alive (`LivePeak`, tests/conftest.py) during each stage; the weights that stay
-resident are added. Every float32 byte is an fp16 byte on the GPU, so the estimate is half.
+resident are added (float weights as fp16, int8 weights as they are). Every float32 activation
+byte is an fp16 byte on the GPU, so activations count half; an int8 layer's dequantized weight
+is float32 here and fp16 there, so it does too.
 Configs: `normal` (memory="normal" as on CUDA: text encoder and VAE parked in host memory,
 forced here with parking.SEPARATE_MEMORY), `high` (all resident), `-plainvae` = vae_tiling
-"off" (the plain one-call VAE decode instead of the streamed one).
+"off" (the plain one-call VAE decode instead of the streamed one), `low-int8` (memory="low" on
+the int8 file; each stage counts the model it loads) with the CFG halves as two calls, and
+`low-int8-cfg2` with them as one batch-2 call.
 
 What it cannot see: cuDNN/cuBLAS workspaces, the caching allocator's block rounding, and
 kernels that allocate different temporaries on CUDA (CUDA graphs keep the same tensors alive
 as eager). Calibrate against a measured row before trusting it: `high-plainvae` is the
 configuration benchmarks/results/memory-cuda.json measured as "sdlite-cuda-fp16" on an H200.
+(Measured vs estimated so far: workspaces and rounding add about 0.05-0.15 GiB per stage.)
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ GiB = 1024**3
 PROMPT = "a photograph of an astronaut riding a horse"
 CONFIGS = {"normal": dict(), "high": dict(memory="high"), "high-plainvae": dict(memory="high", vae_tiling="off"),
            "normal-plainvae": dict(vae_tiling="off"),
-           # low + int8 file; "-cfg2" runs the two CFG halves as one batch-2 call
-           "low-int8": dict(memory="low", file="int8"), "low-int8-cfg2": dict(memory="low", file="int8", cfg_batch=True)}
+           # low + int8 file, the two CFG halves as two calls / as one batch-2 call ("-cfg2")
+           "low-int8": dict(memory="low", file="int8", cfg_batch=False),
+           "low-int8-cfg2": dict(memory="low", file="int8", cfg_batch=True)}
 
 
 def device_bytes(model) -> int:
@@ -63,12 +69,9 @@ def estimate(workdir: Path, name: str, size: int, steps: int) -> dict:
 
     options = dict(CONFIGS[name])
     path = workdir / ("sd15-int8.safetensors" if options.pop("file", None) == "int8" else "sd15-fp32.safetensors")
-    cfg_batch = options.pop("cfg_batch", None)
     kernels.cpu_speed_up = lambda model, release=False: model  # CUDA has no packed CPU weights
     parking.SEPARATE_MEMORY = ("cpu",)
     sd = StableDiffusion(path, **options)
-    if cfg_batch is not None:
-        sd.cfg_batch = cfg_batch
     models = [m for m in (sd.unet, sd.text_encoder, sd.vae) if m is not None]
     # Resident before counting starts: the UNet always; the text encoder and VAE unless parked
     # (a parked model's device copy is made, and counted, when its stage starts); in low mode

@@ -334,6 +334,22 @@ def test_channels_last_off_cuda_is_an_error(capsys, tiny_file, tmp_path):
     assert rc == 0 and len(pngs(tmp_path)) == 1
 
 
+def test_cfg_batch_option_reaches_the_pipeline(capsys, tiny_file, tmp_path, monkeypatch):
+    from sdlite import pipeline
+
+    seen = []
+    real = pipeline.StableDiffusion._batches_cfg
+    monkeypatch.setattr(pipeline.StableDiffusion, "_batches_cfg",
+                        lambda self, x: seen.append((self.cfg_batch, real(self, x))) or seen[-1][1])
+    for option, expected in (("on", (True, True)), ("off", (False, False)), ("auto", (None, True))):
+        rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, "--cfg-batch", option, *FAST,
+                         "-o", tmp_path / option)
+        assert rc == 0, err
+        assert seen.pop() == expected and len(pngs(tmp_path / option)) == 1
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, "--cfg-batch", "maybe", *FAST, "-o", tmp_path)
+    assert rc == 2 and "--cfg-batch" in err
+
+
 def test_vae_errors(capsys, tiny_file, tmp_path):
     rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, "--vae", tiny_file, *FAST, "-o", tmp_path)
     assert rc == 1

@@ -121,6 +121,41 @@ def test_cpu_slowdown_probe():
         assert cpu_slowdown(torch.float16) > CPU_SLOWDOWN_LIMIT
 
 
+@pytest.mark.parametrize("memory", ["normal", "low"])
+def test_cfg_batch_option_sets_how_the_guidance_halves_run(tiny, memory):
+    """cfg_batch=True: one batch-2 UNet call per step, False: two batch-1 calls, None: one call
+    except in low mode on the CPU; the latents agree within float rounding."""
+    batches, latents = {}, {}
+    for option in (None, True, False):
+        sd = StableDiffusion(tiny.folder, memory=memory, cfg_batch=option)
+        sizes = batches[option] = []
+        real_load = sd.load_component
+
+        def load(component, real_load=real_load, sizes=sizes):
+            model = real_load(component)
+            if component == "unet":
+                model.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+            return model
+        sd.load_component = load
+        if sd.unet is not None:
+            sd.unet.register_forward_pre_hook(lambda m, a, sizes=sizes: sizes.append(a[0].shape[0]))
+        latents[option] = sd.txt2img(PROMPT, width=32, height=32, steps=2, seed=4, sampler="ddim").latents
+    assert batches[True] == [2, 2] and batches[False] == [1, 1, 1, 1]
+    assert batches[None] == (batches[False] if memory == "low" else batches[True])
+    for option in (True, False):
+        assert (latents[option] - latents[None]).abs().max() <= 1e-5 * max(1, latents[None].abs().max())
+
+
+def test_low_memory_batches_the_guidance_halves_on_a_gpu_up_to_512(tiny):
+    sd = StableDiffusion(tiny.folder, memory="low")
+    assert not sd._batches_cfg(torch.empty(1, 4, 64, 64))  # the CPU: always two calls in low mode
+    sd.device = torch.device("cuda")  # only the rule is asked here, nothing runs
+    assert sd._batches_cfg(torch.empty(1, 4, 64, 64)) and sd._batches_cfg(torch.empty(1, 4, 48, 80))
+    assert not sd._batches_cfg(torch.empty(1, 4, 64, 72)) and not sd._batches_cfg(torch.empty(1, 4, 128, 128))
+    sd.cfg_batch = False
+    assert not sd._batches_cfg(torch.empty(1, 4, 64, 64))
+
+
 def test_unknown_memory_mode_is_an_error(tiny):
     from sdlite.errors import InputError
 

@@ -26,6 +26,7 @@ PROG = "sdlite"
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # --channels-last, --cfg-batch
 MAX_SEED = 2**32  # random seeds are drawn below this, like A1111
 
 # CompVis script defaults (txt2img: PLMS, 50 steps, 7.5, 512x512; img2img: DDIM, strength 0.75).
@@ -269,6 +270,9 @@ def _generation_parent() -> argparse.ArgumentParser:
                         "(below that, large decodes run in exact row bands); off = plain one-call decode")
     g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="UNet convolutions in NHWC layout (CUDA only): auto = on for float weights on CUDA")
+    g.add_argument("--cfg-batch", choices=("auto", "on", "off"), default="auto",
+                   help="the two halves of classifier-free guidance as one UNet call (on) or two (off: half the "
+                        "activations); auto = one, except with --memory low on the CPU or above 512x512")
     g.add_argument("--fast", action="store_true",
                    help="fast mode (not exact): torch.compile on CUDA (a one-time warm-up; within 40 dB PSNR of exact); "
                         "int8 x int8 UNet products on a CPU with VNNI (within 35 dB PSNR of exact)")
@@ -413,7 +417,7 @@ def cmd_generate(args, ui: UI) -> int:
     model = load_model(args.model, args.vae, args.device, args.dtype, ui, memory=args.memory,
                        quantize=args.quantize, attention=args.attention, attention_chunk=args.attention_chunk,
                        vae_tiling=args.vae_tiling, fast=args.fast,
-                       channels_last={"auto": None, "on": True, "off": False}[args.channels_last])
+                       channels_last=AUTO_ON_OFF[args.channels_last], cfg_batch=AUTO_ON_OFF[args.cfg_batch])
     if model.sd.is_inpainting_model and run.mode != "inpaint":
         raise InputError(f"{model.name} is an inpainting checkpoint (9-channel UNet): use 'sdlite inpaint'")
     if run.expected_hash and model.hash and run.expected_hash != model.hash:

@@ -78,6 +78,16 @@ def _channels_last(requested: bool | None, device: torch.device, quantize: str) 
     return device.type == "cuda" and quantize == "none" if requested is None else bool(requested)
 
 
+# In low mode on a GPU the two CFG halves run as one batch-2 call up to this many latent
+# positions (512x512 images). Estimated on the CPU for SD v1.5, low + int8, fp16
+# (benchmarks/cuda_memory_estimate.py): the denoise peak grows from 0.88 to 0.94 GiB at 512x512
+# but from 1.06 to 1.30 GiB at 1024x1024, while a batch-1 call at 512x512 leaves much of a GPU
+# idle (H100, old dequantization: 17.9 ms per batch-1 call vs 12.9 ms for batch 2 in fp16).
+# On the CPU low mode always splits them: the calls are compute-bound there, so splitting costs
+# little time, and float32 activations are twice as large.
+LOW_CFG_BATCH_MAX_LATENT = 64 * 64
+
+
 def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.float16
 
@@ -107,9 +117,13 @@ class StableDiffusion:
       copies per image). "high" keeps all three on the device (on the CPU and MPS it is
       "normal"). "low" keeps at most one resident: text encoder, then UNet, then VAE, each
       loaded from the (memory-mapped) checkpoint when needed and freed after use; it also runs
-      the two halves of classifier-free guidance as two calls (half the UNet activations), and
-      on glibc it fixes malloc's mmap and trim thresholds for the whole process (128 KiB) so
-      freed memory goes back to the OS.
+      the two halves of classifier-free guidance as two calls (half the UNet activations; on a
+      GPU only above 512x512, see `cfg_batch`), and on glibc it fixes malloc's mmap and trim
+      thresholds for the whole process (128 KiB) so freed memory goes back to the OS.
+    - `cfg_batch`: True runs the two halves of classifier-free guidance as one batch-2 UNet
+      call, False as two calls (half the activations, same result within float rounding).
+      None (default): one call, except in low mode on the CPU, and in low mode on a GPU for
+      images above 512x512.
     - `channels_last`: the UNet's convolutions in NHWC (cuDNN's own layout; about 20 % faster
       on an H100). None (default) = on for a float UNet on CUDA; CUDA only.
     - `fast`: opt-in speed that changes the arithmetic: on CUDA torch.compile (+ CUDA graphs),
@@ -121,7 +135,7 @@ class StableDiffusion:
                  dtype: torch.dtype | None = None, ema: bool = False, memory: str = "normal",
                  quantize: str = "none", attention: str = "sdpa", attention_chunk: int | None = None,
                  vae_tiling: str = "auto", cuda_graphs: bool | None = None, fast: bool = False,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, cfg_batch: bool | None = None):
         if memory not in MEMORY_MODES:
             raise InputError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         if quantize not in QUANTIZE_MODES:
@@ -137,9 +151,7 @@ class StableDiffusion:
         self.storage_dtype = None  # set when a reduced compute dtype falls back to float32
         self._check_cpu_dtype()
         self.memory = memory
-        # The two halves of classifier-free guidance as one batch-2 UNet call, or as two calls
-        # with half the activations (low mode).
-        self.cfg_batch = memory != "low"
+        self.cfg_batch = None if cfg_batch is None else bool(cfg_batch)  # None: see _batches_cfg
         # CUDA graphs replay the same kernels (exact mode), so they are on by default on CUDA.
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
@@ -336,7 +348,7 @@ class StableDiffusion:
         """Run the sampler from VE latents at sigmas[0]; returns VP latents (float32)."""
         interpolation = samplers.timestep_interpolation(job.sampler, job.karras)
         denoiser = samplers.Denoiser(self._eps, self.alphas_cumprod, interpolation=interpolation,
-                                     cfg_batch=self.cfg_batch)
+                                     cfg_batch=self._batches_cfg(x))
         model = denoiser.bind(cond, uncond, job.guidance_scale, extra_channels)
         options = {"eta": job.eta} if job.sampler in ("ddim", "euler_a") and job.eta is not None else {}
         with self._stage("unet") as unet, torch.inference_mode():
@@ -345,6 +357,14 @@ class StableDiffusion:
             x = samplers.get_sampler(job.sampler)(model, x, sigmas, callback=callback,
                                                   noise_sampler=self._noise_sampler(x, job), **options)
         return samplers.to_vp(x, sigmas[-1])
+
+    def _batches_cfg(self, latents: torch.Tensor) -> bool:
+        """Whether the two CFG halves run as one UNet call (see `cfg_batch`)."""
+        if self.cfg_batch is not None:
+            return self.cfg_batch
+        if self.memory != "low":
+            return True
+        return self.device.type != "cpu" and latents.shape[-2] * latents.shape[-1] <= LOW_CFG_BATCH_MAX_LATENT
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.unet(x.to(self.dtype), t.to(self.device), context).float()
