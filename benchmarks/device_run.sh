@@ -6,7 +6,8 @@
 # (counted from the start of this script), whichever is less. One run call allows 600 s.
 # speedboth = speed.py at 512 and 1024 in one process (each variant loaded once); memory-sdlite,
 # speed-exact and fast1024 are shorter subsets for a second call; low = low + int8 with the CFG
-# halves batched (the new default on CUDA) and split, next to diffusers' model offload.
+# halves batched (the new default on CUDA), split, and with an NHWC UNet, next to diffusers'
+# model offload.
 set -uo pipefail
 start=$SECONDS
 deadline=${DEADLINE:-570}
@@ -31,7 +32,7 @@ for part in ${*:-memory checks speedboth}; do
     memory-sdlite) timeout $t python3 benchmarks/memory.py --device cuda --steps 10 \
              --configs sdlite-cuda-fp16,sdlite-cuda-fp16-1024 --json "$OUT/memory-cuda-sdlite.json" ;;
     low) timeout $t python3 benchmarks/memory.py --device cuda --steps 10 \
-             --configs sdlite-cuda-low-int8,sdlite-cuda-low-int8-split,diffusers-cuda-fp16-offload \
+             --configs sdlite-cuda-low-int8,sdlite-cuda-low-int8-split,sdlite-cuda-low-int8-cl,diffusers-cuda-fp16-offload \
              --json "$OUT/memory-cuda-low.json" ;;
     speed-exact) timeout $t python3 benchmarks/speed.py --device cuda --size 512 --steps 50 --reps 2 --no-cold \
              --variants sdlite,sdlite-no-graphs,sdlite-channels-last,diffusers --json "$OUT/speed-cuda-exact.json" ;;

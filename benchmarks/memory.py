@@ -53,6 +53,7 @@ CONFIGS = {
     "sdlite-cuda-fp16-plainvae": ("sdlite", dict(file="fp16", size=512, vae_tiling="off")),
     "sdlite-cuda-low-int8": ("sdlite", dict(file="int8", size=512, memory="low")),  # CFG as one batch-2 call
     "sdlite-cuda-low-int8-split": ("sdlite", dict(file="int8", size=512, memory="low", cfg_batch=False)),
+    "sdlite-cuda-low-int8-cl": ("sdlite", dict(file="int8", size=512, memory="low", channels_last=True)),
     "sdlite-cuda-fp16-1024": ("sdlite", dict(file="fp16", size=1024)),
     "diffusers-cuda-fp16": ("diffusers", dict(file="fp16", size=512)),
     "diffusers-cuda-fp16-offload": ("diffusers", dict(file="fp16", size=512, offload="model")),
@@ -130,7 +131,8 @@ def run_sdlite(opts: dict, device: str, steps: int, meter: StageMeter, workdir: 
 
     from sdlite.pipeline import StableDiffusion
 
-    kwargs = {k: opts[k] for k in ("memory", "attention", "vae_tiling", "quantize", "fast", "cfg_batch") if k in opts}
+    kwargs = {k: opts[k] for k in ("memory", "attention", "vae_tiling", "quantize", "fast", "cfg_batch",
+                                        "channels_last") if k in opts}
     sd = StableDiffusion(_files(workdir)[opts["file"]], device=device, **kwargs)
     meter.wrap(sd, "encode_prompt", "text")
     meter.wrap(sd, "denoise", "denoise")

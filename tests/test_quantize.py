@@ -80,6 +80,18 @@ def test_dequantize_rounds_once_and_holds_no_intermediate_copy(dtype):
         w = dequantize(q, scale, dtype)
     assert w.dtype == dtype and torch.equal(w, expected)
     assert counter.peak == w.numel() * w.element_size()
+    # an NHWC (channels_last) int8 weight gives an NHWC weight, for NHWC convolutions
+    nhwc = dequantize(q.to(memory_format=torch.channels_last), scale, dtype)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, expected)
+
+
+def test_channels_last_int8_conv_keeps_its_weight_layout():
+    conv = Int8Conv2d.from_float(nn.Conv2d(8, 16, 3, padding=1))
+    x = torch.randn(2, 8, 10, 10)
+    expected = conv(x)
+    conv = conv.to(memory_format=torch.channels_last)  # as the pipeline's channels_last option does
+    assert conv.weight.dtype == torch.int8 and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert_close(conv(x.to(memory_format=torch.channels_last)), expected, rel=1e-6, what="NHWC int8 conv")
 
 
 def test_int8_linear_equals_linear_with_dequantized_weight():
