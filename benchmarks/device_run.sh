@@ -7,7 +7,7 @@
 # speedboth = speed.py at 512 and 1024 in one process (each variant loaded once); memory-sdlite,
 # speed-exact and fast1024 are shorter subsets for a second call; low = low + int8 with the CFG
 # halves batched (the new default on CUDA), split, and with an NHWC UNet, next to diffusers'
-# model offload.
+# model offload; sdpa = one UNet call per SDPA kernel (sdpa_backends.py).
 set -uo pipefail
 start=$SECONDS
 deadline=${DEADLINE:-570}
@@ -34,6 +34,7 @@ for part in ${*:-memory checks speedboth}; do
     low) timeout $t python3 benchmarks/memory.py --device cuda --steps 10 \
              --configs sdlite-cuda-low-int8,sdlite-cuda-low-int8-split,sdlite-cuda-low-int8-cl,diffusers-cuda-fp16-offload \
              --json "$OUT/memory-cuda-low.json" ;;
+    sdpa) timeout $t python3 benchmarks/sdpa_backends.py --sizes 512,1024 --json "$OUT/sdpa-backends.json" ;;
     speed-exact) timeout $t python3 benchmarks/speed.py --device cuda --size 512 --steps 50 --reps 2 --no-cold \
              --variants sdlite,sdlite-no-graphs,sdlite-channels-last,diffusers --json "$OUT/speed-cuda-exact.json" ;;
     fast1024) timeout $t python3 benchmarks/speed.py --device cuda --size 1024 --steps 50 --reps 2 --no-cold --fast \
