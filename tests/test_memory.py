@@ -146,12 +146,14 @@ def test_cfg_batch_option_sets_how_the_guidance_halves_run(tiny, memory):
         assert (latents[option] - latents[None]).abs().max() <= 1e-5 * max(1, latents[None].abs().max())
 
 
-def test_low_memory_batches_the_guidance_halves_on_a_gpu_up_to_512(tiny):
+def test_low_memory_batches_the_guidance_halves_on_a_gpu_up_to_one_512_image(tiny):
     sd = StableDiffusion(tiny.folder, memory="low")
     assert not sd._batches_cfg(torch.empty(1, 4, 64, 64))  # the CPU: always two calls in low mode
     sd.device = torch.device("cuda")  # only the rule is asked here, nothing runs
     assert sd._batches_cfg(torch.empty(1, 4, 64, 64)) and sd._batches_cfg(torch.empty(1, 4, 48, 80))
+    assert sd._batches_cfg(torch.empty(2, 4, 32, 64))  # batch_size images count together
     assert not sd._batches_cfg(torch.empty(1, 4, 64, 72)) and not sd._batches_cfg(torch.empty(1, 4, 128, 128))
+    assert not sd._batches_cfg(torch.empty(2, 4, 64, 64))
     sd.cfg_batch = False
     assert not sd._batches_cfg(torch.empty(1, 4, 64, 64))
 

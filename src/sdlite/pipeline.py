@@ -78,8 +78,8 @@ def _channels_last(requested: bool | None, device: torch.device, quantize: str) 
     return device.type == "cuda" and quantize == "none" if requested is None else bool(requested)
 
 
-# In low mode on a GPU the two CFG halves run as one batch-2 call up to this many latent
-# positions (512x512 images). Estimated on the CPU for SD v1.5, low + int8, fp16
+# In low mode on a GPU the two CFG halves run as one call up to this many latent positions per
+# half (one 512x512 image; batch_size images count together). Estimated on the CPU for SD v1.5, low + int8, fp16
 # (benchmarks/cuda_memory_estimate.py): the denoise peak grows from 0.88 to 0.94 GiB at 512x512
 # but from 1.06 to 1.30 GiB at 1024x1024, while a batch-1 call at 512x512 leaves much of a GPU
 # idle (H100, old dequantization: 17.9 ms per batch-1 call vs 12.9 ms for batch 2 in fp16).
@@ -122,8 +122,8 @@ class StableDiffusion:
       thresholds for the whole process (128 KiB) so freed memory goes back to the OS.
     - `cfg_batch`: True runs the two halves of classifier-free guidance as one batch-2 UNet
       call, False as two calls (half the activations, same result within float rounding).
-      None (default): one call, except in low mode on the CPU, and in low mode on a GPU for
-      images above 512x512.
+      None (default): one call, except in low mode on the CPU, and in low mode on a GPU above
+      one 512x512 image (width x height x batch_size).
     - `channels_last`: the UNet's convolutions in NHWC (cuDNN's own layout; about 20 % faster
       on an H100). None (default) = on for a float UNet on CUDA; CUDA only.
     - `fast`: opt-in speed that changes the arithmetic: on CUDA torch.compile (+ CUDA graphs),
@@ -364,7 +364,8 @@ class StableDiffusion:
             return self.cfg_batch
         if self.memory != "low":
             return True
-        return self.device.type != "cpu" and latents.shape[-2] * latents.shape[-1] <= LOW_CFG_BATCH_MAX_LATENT
+        images, _, height, width = latents.shape
+        return self.device.type != "cpu" and images * height * width <= LOW_CFG_BATCH_MAX_LATENT
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.unet(x.to(self.dtype), t.to(self.device), context).float()
