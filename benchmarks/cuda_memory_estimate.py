@@ -82,7 +82,7 @@ def estimate(workdir: Path, name: str, size: int, steps: int) -> dict:
     existing += [t for p in sd._parked.values() for t in p.host.values()]
     counter, stages = Counter(exclude={t.untyped_storage().data_ptr() for t in existing}), {}
 
-    load = sd.load_component
+    load, loaded = sd.load_component, set()  # storages of the weights a low-mode stage loaded
 
     def load_uncounted(component):
         counter.paused = True
@@ -92,9 +92,12 @@ def estimate(workdir: Path, name: str, size: int, steps: int) -> dict:
             counter.paused = False
         if sd.memory == "low":
             resident[0] = device_bytes(model)
-        counter.exclude |= {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        loaded.update(weights - counter.exclude)
+        counter.exclude |= weights
         return model
     sd.load_component = load_uncounted
+    stage_resident = {}
 
     def wrap(method: str, stage: str):
         fn = getattr(sd, method)
@@ -106,6 +109,10 @@ def estimate(workdir: Path, name: str, size: int, steps: int) -> dict:
             finally:
                 # float32 activations here are fp16 on the GPU: half the bytes
                 stages[stage] = max(stages.get(stage, 0), resident[0] + counter.peak / 2)
+                stage_resident[stage] = resident[0]
+                # a low-mode model is freed after its stage: a later tensor may reuse its addresses
+                counter.exclude -= loaded
+                loaded.clear()
         setattr(sd, method, wrapped)
 
     for method, stage in (("encode_prompt", "text"), ("denoise", "denoise"), ("decode", "decode")):
@@ -114,7 +121,7 @@ def estimate(workdir: Path, name: str, size: int, steps: int) -> dict:
     with counter:
         sd.txt2img(PROMPT, width=size, height=size, steps=steps, sampler="ddim", seed=1)
     return {"config": name, "size": size, "steps": steps, "fp16_stage_bytes": stages, "fp16_peak": max(stages.values()),
-            "resident_fp16_bytes": resident[0], "seconds": time.perf_counter() - t0}
+            "stage_resident_bytes": stage_resident, "seconds": time.perf_counter() - t0}
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: install the carried wheels (.whl/: diffusers, ftfy, ...), then run the CUDA
 # checks and benchmarks, writing JSON to $OUT as each row finishes. Usage on the device machine:
-#   DEADLINE=570 bash benchmarks/device_run.sh [memory] [checks] [speed] [speed1024] [speedboth]
+#   DEADLINE=570 bash benchmarks/device_run.sh [memory] [checks] [speed] [speed1024] [speedboth] [low] [sdpa] ...
 # Parts run in the order given; each gets its own cap or what is left of DEADLINE seconds
 # (counted from the start of this script), whichever is less. One run call allows 600 s.
 # speedboth = speed.py at 512 and 1024 in one process (each variant loaded once); memory-sdlite,
@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 for part in ${*:-memory checks speedboth}; do
   left=$((deadline - (SECONDS - start) - 5))
-  case $part in checks) cap=170 ;; memory) cap=200 ;; speed) cap=270 ;; *) cap=420 ;; esac
+  case $part in checks) cap=170 ;; memory) cap=200 ;; speed) cap=270 ;; sdpa) cap=120 ;; low) cap=240 ;; *) cap=420 ;; esac
   t=$((left < cap ? left : cap))
   if [ "$t" -lt 30 ]; then echo "== $part skipped: ${left}s left"; continue; fi
   echo "== $part (limit ${t}s, $((SECONDS - start))s in)"

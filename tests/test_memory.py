@@ -187,7 +187,9 @@ def test_bad_run_options_are_clear_errors(tiny):
     for kw, msg in ((dict(quantize="int4"), "quantize must be one of none, int8"),
                     (dict(attention="flash"), "unknown attention mode"),
                     (dict(attention="chunked", attention_chunk=0), "positive integer"),
-                    (dict(vae_tiling="maybe"), "vae_tiling must be one of auto, on, off")):
+                    (dict(vae_tiling="maybe"), "vae_tiling must be one of auto, on, off"),
+                    (dict(cfg_batch="off"), "cfg_batch must be True, False or None, got 'off'"),
+                    (dict(channels_last=1), "channels_last must be True, False or None, got 1")):
         with pytest.raises(InputError, match=msg):
             StableDiffusion(tiny.folder, **kw)
 

@@ -272,7 +272,8 @@ def _generation_parent() -> argparse.ArgumentParser:
                    help="UNet convolutions in NHWC layout (CUDA only): auto = on for float weights on CUDA")
     g.add_argument("--cfg-batch", choices=("auto", "on", "off"), default="auto",
                    help="the two halves of classifier-free guidance as one UNet call (on) or two (off: half the "
-                        "activations); auto = one, except with --memory low on the CPU or above one 512x512 image")
+                        "activations); auto = one, except with --memory low on the CPU/MPS, or on CUDA above one "
+                        "512x512 image (width x height x batch size)")
     g.add_argument("--fast", action="store_true",
                    help="fast mode (not exact): torch.compile on CUDA (a one-time warm-up; within 40 dB PSNR of exact); "
                         "int8 x int8 UNet products on a CPU with VNNI (within 35 dB PSNR of exact)")

@@ -71,20 +71,29 @@ class _Job:
     generators: list[torch.Generator] = field(default_factory=list)
 
 
+def _optional_bool(name: str, value):
+    if value is not None and not isinstance(value, bool):
+        raise InputError(f"{name} must be True, False or None, got {value!r}")
+    return value
+
+
 def _channels_last(requested: bool | None, device: torch.device, quantize: str) -> bool:
     """The UNet's layout: NHWC when asked, and by default for a float UNet on CUDA."""
+    _optional_bool("channels_last", requested)
     if requested and device.type != "cuda":
         raise InputError("channels_last=True needs device='cuda'")
     return device.type == "cuda" and quantize == "none" if requested is None else bool(requested)
 
 
-# In low mode on a GPU the two CFG halves run as one call up to this many latent positions per
-# half (one 512x512 image; batch_size images count together). Estimated on the CPU for SD v1.5, low + int8, fp16
-# (benchmarks/cuda_memory_estimate.py): the denoise peak grows from 0.88 to 0.94 GiB at 512x512
-# but from 1.06 to 1.30 GiB at 1024x1024, while a batch-1 call at 512x512 leaves much of a GPU
-# idle (H100, old dequantization: 17.9 ms per batch-1 call vs 12.9 ms for batch 2 in fp16).
-# On the CPU low mode always splits them: the calls are compute-bound there, so splitting costs
-# little time, and float32 activations are twice as large.
+# In low mode on CUDA the two CFG halves run as one call up to this many latent positions per
+# half (one 512x512 image; batch_size images count together). Estimated on the CPU for SD v1.5,
+# low + int8, fp16 (benchmarks/cuda_memory_estimate.py): the denoise peak grows from 0.88 to
+# 0.94 GiB at 512x512 but from 1.06 to 1.30 GiB at 1024x1024. One call per step instead of two
+# dequantizes the int8 weights once, and a batch-1 call at 512x512 is too small to fill a big
+# GPU (the H100 ran the fp16 UNet at 12.9 ms per batch-2 call; low + int8, two batch-1 calls
+# with the old dequantization, took 36 ms per step). On the CPU low mode always splits them:
+# the calls are compute-bound there, so splitting costs little time, and float32 activations
+# are twice as large. MPS shares the host's memory, so it is treated like the CPU.
 LOW_CFG_BATCH_MAX_LATENT = 64 * 64
 
 
@@ -117,13 +126,13 @@ class StableDiffusion:
       copies per image). "high" keeps all three on the device (on the CPU and MPS it is
       "normal"). "low" keeps at most one resident: text encoder, then UNet, then VAE, each
       loaded from the (memory-mapped) checkpoint when needed and freed after use; it also runs
-      the two halves of classifier-free guidance as two calls (half the UNet activations; on a
-      GPU only above 512x512, see `cfg_batch`), and on glibc it fixes malloc's mmap and trim
+      the two halves of classifier-free guidance as two calls (half the UNet activations; on
+      CUDA only above one 512x512 image, see `cfg_batch`), and on glibc it fixes malloc's mmap and trim
       thresholds for the whole process (128 KiB) so freed memory goes back to the OS.
     - `cfg_batch`: True runs the two halves of classifier-free guidance as one batch-2 UNet
       call, False as two calls (half the activations, same result within float rounding).
-      None (default): one call, except in low mode on the CPU, and in low mode on a GPU above
-      one 512x512 image (width x height x batch_size).
+      None (default): one call, except in low mode, where the halves split on the CPU and MPS,
+      and on CUDA above one 512x512 image (width x height x batch_size).
     - `channels_last`: the UNet's convolutions in NHWC (cuDNN's own layout; about 20 % faster
       on an H100). None (default) = on for a float UNet on CUDA; CUDA only.
     - `fast`: opt-in speed that changes the arithmetic: on CUDA torch.compile (+ CUDA graphs),
@@ -151,7 +160,7 @@ class StableDiffusion:
         self.storage_dtype = None  # set when a reduced compute dtype falls back to float32
         self._check_cpu_dtype()
         self.memory = memory
-        self.cfg_batch = None if cfg_batch is None else bool(cfg_batch)  # None: see _batches_cfg
+        self.cfg_batch = _optional_bool("cfg_batch", cfg_batch)  # None: see _batches_cfg
         # CUDA graphs replay the same kernels (exact mode), so they are on by default on CUDA.
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
@@ -365,7 +374,7 @@ class StableDiffusion:
         if self.memory != "low":
             return True
         images, _, height, width = latents.shape
-        return self.device.type != "cpu" and images * height * width <= LOW_CFG_BATCH_MAX_LATENT
+        return self.device.type == "cuda" and images * height * width <= LOW_CFG_BATCH_MAX_LATENT
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.unet(x.to(self.dtype), t.to(self.device), context).float()
