@@ -82,7 +82,7 @@ def estimate(workdir: Path, name: str, size: int, steps: int) -> dict:
     existing += [t for p in sd._parked.values() for t in p.host.values()]
     counter, stages = Counter(exclude={t.untyped_storage().data_ptr() for t in existing}), {}
 
-    load, loaded = sd.load_component, set()  # storages of the weights a low-mode stage loaded
+    load, loaded = sd.load_component, {}  # component -> storages of the weights it loaded
 
     def load_uncounted(component):
         counter.paused = True
@@ -93,10 +93,17 @@ def estimate(workdir: Path, name: str, size: int, steps: int) -> dict:
         if sd.memory == "low":
             resident[0] = device_bytes(model)
         weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-        loaded.update(weights - counter.exclude)
+        loaded[component] = weights - counter.exclude
         counter.exclude |= weights
         return model
     sd.load_component = load_uncounted
+    done_with = sd.done_with
+
+    def done_and_forgotten(component):
+        done_with(component)
+        if sd.memory == "low":  # the model is freed: a later tensor may reuse its addresses
+            counter.exclude -= loaded.pop(component, set())
+    sd.done_with = done_and_forgotten
     stage_resident = {}
 
     def wrap(method: str, stage: str):
@@ -110,9 +117,6 @@ def estimate(workdir: Path, name: str, size: int, steps: int) -> dict:
                 # float32 activations here are fp16 on the GPU: half the bytes
                 stages[stage] = max(stages.get(stage, 0), resident[0] + counter.peak / 2)
                 stage_resident[stage] = resident[0]
-                # a low-mode model is freed after its stage: a later tensor may reuse its addresses
-                counter.exclude -= loaded
-                loaded.clear()
         setattr(sd, method, wrapped)
 
     for method, stage in (("encode_prompt", "text"), ("denoise", "denoise"), ("decode", "decode")):

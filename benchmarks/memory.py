@@ -73,6 +73,9 @@ class StageMeter:
     def __init__(self, device: str):
         self.device, self.stage, self.peaks, self.bases = device, None, {}, {}
         self.step_times: list[float] = []
+        # a sample is taken and filed under one stage while the stage cannot change: without
+        # it a denoise-time RSS could be filed under "decode" (or under None) at the switch
+        self._lock = threading.Lock()
         if device == "cpu":
             threading.Thread(target=self._sample, daemon=True).start()
 
@@ -83,8 +86,9 @@ class StageMeter:
 
     def _sample(self):
         while True:
-            if self.stage is not None:
-                self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), self.rss())
+            with self._lock:
+                if self.stage is not None:
+                    self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), self.rss())
             time.sleep(0.005)
 
     def enter(self, stage: str):
@@ -94,7 +98,8 @@ class StageMeter:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.bases.setdefault(stage, torch.cuda.memory_allocated())  # what the stage starts on
-        self.stage = stage
+        with self._lock:
+            self.stage = stage
 
     def leave(self):
         if self.device == "cuda":
@@ -102,9 +107,10 @@ class StageMeter:
 
             torch.cuda.synchronize()
             self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), torch.cuda.max_memory_allocated())
-        else:
-            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), self.rss())
-        self.stage = None
+        with self._lock:
+            if self.device != "cuda":
+                self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), self.rss())
+            self.stage = None
 
     def wrap(self, obj, name: str, stage: str):
         fn = getattr(obj, name)
