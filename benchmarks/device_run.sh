@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 for part in ${*:-memory checks speedboth}; do
   left=$((deadline - (SECONDS - start) - 5))
-  case $part in checks) cap=170 ;; memory) cap=200 ;; speed) cap=270 ;; sdpa) cap=120 ;; low) cap=240 ;; *) cap=420 ;; esac
+  case $part in checks) cap=170 ;; memory) cap=200 ;; speed) cap=270 ;; sdpa) cap=200 ;; low) cap=240 ;; *) cap=420 ;; esac
   t=$((left < cap ? left : cap))
   if [ "$t" -lt 30 ]; then echo "== $part skipped: ${left}s left"; continue; fi
   echo "== $part (limit ${t}s, $((SECONDS - start))s in)"
