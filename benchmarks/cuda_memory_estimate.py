@@ -52,6 +52,15 @@ def device_bytes(model) -> int:
     return total
 
 
+def storages(*tensors) -> set[int]:
+    """The storage addresses of tensors (weights), which LivePeak leaves out."""
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def weights(model) -> list:
+    return list(model.parameters()) + list(model.buffers())
+
+
 def estimate(workdir: Path, name: str, size: int, steps: int) -> dict:
     import torch
 
@@ -78,9 +87,8 @@ def estimate(workdir: Path, name: str, size: int, steps: int) -> dict:
     # nothing, and each stage's model while the stage runs.
     resident = [sum(device_bytes(m) for c, m in (("unet", sd.unet), ("text", sd.text_encoder), ("vae", sd.vae))
                     if m is not None and c not in sd._parked)]
-    existing = [t for m in models for t in list(m.parameters()) + list(m.buffers())]
-    existing += [t for p in sd._parked.values() for t in p.host.values()]
-    counter, stages = Counter(exclude={t.untyped_storage().data_ptr() for t in existing}), {}
+    existing = [t for m in models for t in weights(m)] + [t for p in sd._parked.values() for t in p.host.values()]
+    counter, stages = Counter(exclude=storages(*existing)), {}
 
     load, loaded = sd.load_component, {}  # component -> storages of the weights it loaded
 
@@ -92,9 +100,9 @@ def estimate(workdir: Path, name: str, size: int, steps: int) -> dict:
             counter.paused = False
         if sd.memory == "low":
             resident[0] = device_bytes(model)
-        weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-        loaded[component] = weights - counter.exclude
-        counter.exclude |= weights
+        own = storages(*weights(model))
+        loaded[component] = own - counter.exclude
+        counter.exclude |= own
         return model
     sd.load_component = load_uncounted
     done_with = sd.done_with

@@ -82,7 +82,7 @@ def _channels_last(requested: bool | None, device: torch.device, quantize: str) 
     _optional_bool("channels_last", requested)
     if requested and device.type != "cuda":
         raise InputError("channels_last=True needs device='cuda'")
-    return device.type == "cuda" and quantize == "none" if requested is None else bool(requested)
+    return device.type == "cuda" and quantize == "none" if requested is None else requested
 
 
 # In low mode on CUDA the two CFG halves run as one call up to this many latent positions per
