@@ -274,8 +274,8 @@ def hwm():  # peak resident memory of this process so far, in MiB
 torch.set_num_threads(2)
 # glibc's dynamic mmap threshold otherwise keeps freed 8 MiB score blocks in heap arenas now and
 # then (19-48 MiB usually, 70 MiB once in a full test run); fixed thresholds, as low mode sets them
-from sdlite.pipeline import _return_freed_memory_to_the_os
-_return_freed_memory_to_the_os()
+from sdlite.pipeline import _malloc_for_low_memory
+_malloc_for_low_memory()
 mode = sys.argv[1]
 q, k, v = (torch.randn(2, 1, 8192, 64) for _ in range(3))
 with torch.no_grad(), attention_mode(mode, 1024):

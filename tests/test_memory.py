@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +76,66 @@ def test_fp16_weights_compute_in_fp32_without_a_full_copy(tiny, tmp_path):
         assert torch.equal(sd.unet(x, t, c), unet32(x, t, c))
     res = sd.txt2img(PROMPT, width=32, height=32, steps=2, seed=1)
     assert res.latents.dtype == torch.float32 and torch.isfinite(res.latents).all()
+
+
+_MALLOC = r"""
+import resource, sys
+import torch
+from sdlite.pipeline import LOW_MMAP_THRESHOLD, _give_back_freed_memory, _malloc_for_low_memory
+
+def rss():  # resident memory of this process now, in MiB
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+def faults_of_cycles(n=50):  # page faults of n tensors of 4 MiB, each filled and freed in turn
+    torch.ones(1 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        torch.ones(1 << 20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+_malloc_for_low_memory()  # the other stages: blocks of 128 KiB or more get their own pages
+other = faults_of_cycles()
+_malloc_for_low_memory("unet")
+unet = faults_of_cycles()
+base = rss()
+blocks = [torch.ones(1 << 20) for _ in range(50)]  # 200 MiB, then freed: the heap keeps it for reuse
+del blocks
+kept = rss() - base
+_give_back_freed_memory()  # the stage ended
+trimmed = rss() - base
+big = torch.ones(LOW_MMAP_THRESHOLD // 4 + 1)  # its own mapping: returned when freed
+del big
+print(other, unet, round(kept), round(trimmed), round(rss() - base))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc; reads /proc/self/status")
+def test_low_memory_malloc_reuses_freed_blocks_in_the_unet_stage_and_trims_after():
+    """Low mode's malloc policy, in a fresh process. In the UNet stage a freed block below
+    LOW_MMAP_THRESHOLD is reused by the next tensors: 50 tensors of 4 MiB made and freed in turn
+    fault in almost no pages (the other stages: 1024 pages each); freed heap memory stays during
+    the stage and goes back to the OS when `done_with` trims it; larger tensors are returned at once."""
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(_MALLOC)], capture_output=True, text=True,
+                         timeout=120, check=True)
+    other, unet, kept, trimmed, after_big = map(int, run.stdout.split())
+    print(f"[malloc] page faults of 50 x 4 MiB: other stages {other}, UNet stage {unet}; freed 200 MiB kept "
+          f"{kept} MiB, after trim {trimmed} MiB, after a big block {after_big} MiB")
+    assert other >= 40 * 1024, f"control: fresh pages for each 4 MiB tensor expected, {other} faults"
+    assert unet <= 2048, f"the UNet stage faulted in {unet} pages for 50 reused 4 MiB blocks"
+    assert kept >= 150, f"the heap gave back freed blocks during the stage ({kept} MiB kept of 200)"
+    assert trimmed <= 20 and after_big <= 20, (trimmed, after_big)
+
+
+def test_low_memory_trims_the_heap_when_each_stage_ends(tiny, monkeypatch):
+    from sdlite import pipeline
+
+    ends = []
+    monkeypatch.setattr(pipeline, "_give_back_freed_memory", lambda: ends.append(tuple(sd.resident_components())))
+    sd = StableDiffusion(tiny.folder, memory="low")
+    sd.txt2img(PROMPT, width=32, height=32, steps=2, seed=1)
+    assert ends == [(), (), ()]  # after the text encoder, the UNet and the VAE were freed
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -126,6 +126,67 @@ def test_int8_conv_equals_conv_with_dequantized_weight(kw):
     assert q(x).shape == conv(x).shape
 
 
+class _RecordWeights:
+    """Records the weights passed to F.conv2d / F.linear (their output-channel counts)."""
+
+    def __init__(self, monkeypatch):
+        self.rows: list[int] = []
+        for name in ("conv2d", "linear"):
+            real = getattr(F, name)
+            monkeypatch.setattr(F, name, self._wrap(real))
+
+    def _wrap(self, real):
+        def call(x, w, *args, **kwargs):
+            self.rows.append(w.shape[0])
+            return real(x, w, *args, **kwargs)
+        return call
+
+
+@pytest.mark.parametrize("kind", ["int8 conv", "int8 linear", "fp16 conv", "fp16 linear"])
+def test_cpu_layers_rebuild_large_weights_in_groups_of_output_channels(kind, monkeypatch):
+    """On the CPU a weight rebuilt per call (dequantized, or cast from fp16) larger than
+    CPU_WEIGHT_GROUP_BYTES is rebuilt and applied in groups of output channels: no rebuilt
+    group exceeds the bound, and the result equals the layer run in one piece."""
+    from sdlite import precision
+
+    torch.manual_seed(0)
+    if kind.endswith("conv"):
+        float_layer, x = nn.Conv2d(24, 40, 3, padding=1), torch.randn(2, 24, 9, 7)
+    else:
+        float_layer, x = nn.Linear(24, 40), torch.randn(2, 5, 24)
+    if kind.startswith("int8"):
+        layer = (Int8Conv2d if kind.endswith("conv") else Int8Linear).from_float(float_layer)
+    else:
+        layer = compute_in(float_layer.half(), torch.float32)
+    row_bytes = layer.weight[0].numel() * 4
+    whole = layer(x)  # one piece: the weight is below the default bound
+    record = _RecordWeights(monkeypatch)
+    monkeypatch.setattr(precision, "CPU_WEIGHT_GROUP_BYTES", 7 * row_bytes)  # 7 rows a group
+    grouped = layer(x)
+    assert record.rows == [7, 7, 7, 7, 7, 5]
+    assert grouped.shape == whole.shape
+    assert_close(grouped, whole, rel=1e-6, what=f"{kind} in groups vs whole")
+    # one row a group, and no bias
+    layer.bias = None
+    monkeypatch.setattr(precision, "CPU_WEIGHT_GROUP_BYTES", 1)
+    record.rows.clear()
+    grouped = layer(x)
+    assert record.rows == [1] * 40
+    monkeypatch.undo()
+    assert_close(grouped, layer(x), rel=1e-6, what=f"{kind} without bias, one row a group")
+
+
+def test_grouped_convolutions_are_not_split(monkeypatch):
+    from sdlite import precision
+
+    torch.manual_seed(0)
+    q = Int8Conv2d.from_float(nn.Conv2d(8, 12, 3, padding=1, groups=2))
+    x = torch.randn(1, 8, 5, 5)
+    whole = q(x)
+    monkeypatch.setattr(precision, "CPU_WEIGHT_GROUP_BYTES", 1)
+    assert torch.equal(q(x), whole)
+
+
 # ------------------------------------------------------------------ module swaps
 
 

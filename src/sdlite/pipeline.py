@@ -127,8 +127,9 @@ class StableDiffusion:
       "normal"). "low" keeps at most one resident: text encoder, then UNet, then VAE, each
       loaded from the (memory-mapped) checkpoint when needed and freed after use; it also runs
       the two halves of classifier-free guidance as two calls (half the UNet activations; on
-      CUDA only above one 512x512 image, see `cfg_batch`), and on glibc it fixes malloc's mmap and trim
-      thresholds for the whole process (128 KiB) so freed memory goes back to the OS.
+      CUDA only above one 512x512 image, see `cfg_batch`), and on glibc it fixes malloc's thresholds
+      for the whole process (during the UNet stage blocks below 9 MiB come from the heap and are
+      reused; the heap is trimmed when each stage ends: `_malloc_for_low_memory`).
     - `cfg_batch`: True runs the two halves of classifier-free guidance as one batch-2 UNet
       call, False as two calls (half the activations, same result within float rounding).
       None (default): one call, except in low mode, where the halves split on the CPU and MPS,
@@ -183,7 +184,7 @@ class StableDiffusion:
         if self.checkpoint.memory_mapped:
             self.checkpoint.release()
         if memory == "low":
-            _return_freed_memory_to_the_os()
+            _malloc_for_low_memory()
         self._parked: dict[str, HostCopy] = {}
         if memory != "low":
             for component in COMPONENT_ATTRS:
@@ -283,6 +284,8 @@ class StableDiffusion:
     def resident(self, component: str, part: str | None = None) -> torch.nn.Module:
         """The model for a component, loaded if needed and on the device (of a parked model,
         only `part` of it if given: a key of PARK_PARTS[component])."""
+        if self.memory == "low" and getattr(self, COMPONENT_ATTRS[component]) is None:
+            _malloc_for_low_memory(component)
         model = self._loaded(component)
         if self._parks(component):
             self._parked[component].to_device(self.device, part)
@@ -293,6 +296,8 @@ class StableDiffusion:
         if self.memory == "low":
             setattr(self, COMPONENT_ATTRS[component], None)
             gc.collect()
+            _malloc_for_low_memory()
+            _give_back_freed_memory()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         elif self._parks(component) and component in self._parked:
@@ -542,21 +547,60 @@ class StableDiffusion:
         return imgs.to_tensor(imgs.resize_for(pil, width, height)), job
 
 
-def _return_freed_memory_to_the_os() -> None:
-    """glibc raises its mmap threshold after large frees, so later large tensors come from the
-    heap and their memory stays counted after they are freed; fixing the thresholds returns it
-    (measured: 1.64 -> 1.44 GiB peak RSS for low + int8 at 512x512). No-op off glibc."""
+# glibc's malloc during low memory mode's UNet stage: blocks below this size come from the heap,
+# and a freed one is reused by the next tensor instead of fresh zeroed pages being faulted in;
+# larger ones get their own mapping, returned to the OS when freed. It covers a 512x512 image's
+# activations (5 MiB at batch 1) and one group of a rebuilt weight with oneDNN's re-ordered copy
+# (precision.CPU_WEIGHT_GROUP_BYTES each), and not 1024x1024's 21 MiB activations: long-lived
+# blocks of that size (the UNet's skip activations) scattered the heap, 1.99 instead of 1.81 GiB
+# peak RSS with a 64 MiB threshold. The heap keeps what the stage freed until the stage ends;
+# then `_give_back_freed_memory` returns it to the OS. The other stages run once per image and
+# keep every block of 128 KiB or more in its own mapping, returned at once.
+LOW_MMAP_THRESHOLD = precision.CPU_WEIGHT_GROUP_BYTES + (1 << 20)
+LOW_OTHER_STAGES_THRESHOLD = 128 << 10
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def _glibc():
+    """glibc's C library (for mallopt / malloc_trim), or None elsewhere."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: tensors >= 128 KiB get their own mapping
-            libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: give back free heap tops promptly
     except OSError:
-        pass
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def _malloc_for_low_memory(stage: str | None = None) -> None:
+    """Fix glibc's malloc thresholds for memory="low" (process-wide; a no-op off glibc).
+
+    glibc raises its mmap threshold after large frees (up to 32 MiB), so which tensors come from
+    the heap drifts, and freed heap memory stays counted between stages: 1.64 GiB peak RSS for
+    low + int8 at 512x512, 1.44 GiB with both thresholds fixed at 128 KiB. But at 128 KiB every
+    activation is fresh zeroed pages: page faults were a third of a low-mode UNet call on the
+    CPU. So the UNet stage ("unet") takes blocks below LOW_MMAP_THRESHOLD from the heap and does
+    not trim it while it runs (freed blocks are reused at once); the other stages (and no stage)
+    keep 128 KiB. `done_with` trims the heap when each stage ends."""
+    libc = _glibc()
+    if libc is None:
+        return
+    if stage == "unet":
+        libc.mallopt(_M_MMAP_THRESHOLD, LOW_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    else:
+        libc.mallopt(_M_MMAP_THRESHOLD, LOW_OTHER_STAGES_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, LOW_OTHER_STAGES_THRESHOLD)
+
+
+def _give_back_freed_memory() -> None:
+    """Return the heap's free memory to the OS (glibc's malloc_trim; a no-op elsewhere)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _is_int(v) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +22,47 @@ from torch import nn
 CPU_SLOWDOWN_LIMIT = 2.0
 
 
+# On the CPU a layer whose weight is rebuilt on every call (cast from fp16/bf16, dequantized from
+# int8) rebuilds and applies it in groups of output channels of at most this many bytes: the
+# whole weight plus oneDNN's re-ordered copy of it were 236 MB at once for SD's largest
+# convolution (1280 x 2560 x 3 x 3 in float32); in groups they are 16 MiB at most, and small
+# enough for malloc to reuse the same heap blocks from group to group (low memory mode, see
+# pipeline.LOW_MMAP_THRESHOLD) instead of faulting in fresh zeroed pages for each.
+CPU_WEIGHT_GROUP_BYTES = 8 << 20
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
+def by_output_groups(layer: nn.Module, x: torch.Tensor, weight: Callable[[slice], torch.Tensor],
+                     apply: Callable[[torch.Tensor, torch.Tensor | None, slice], torch.Tensor], dim: int) -> torch.Tensor:
+    """`apply(x, weight_rows, bias_rows)` for all of `layer`'s output channels at once or, on the
+    CPU when the rebuilt weight would exceed CPU_WEIGHT_GROUP_BYTES, group by group, with the
+    outputs concatenated along `dim` (the channel dim of the output). `weight(rows)` rebuilds
+    the weight rows in x's dtype. Each output channel is computed as it would be in one call
+    (same products and sums; the kernel may block its sums differently: float rounding)."""
+    out = layer.weight.shape[0]
+    per_row = layer.weight[0].numel() * x.element_size()
+    rows = max(1, CPU_WEIGHT_GROUP_BYTES // per_row)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    if x.device.type != "cpu" or rows >= out or getattr(layer, "groups", 1) != 1:
+        return apply(x, weight(slice(None)), bias)
+    parts = []
+    for start in range(0, out, rows):
+        s = slice(start, min(start + rows, out))
+        parts.append(apply(x, weight(s), None if bias is None else bias[s]))  # each group's weight freed here
+    return torch.cat(parts, dim)
+
+
 class CastLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), _cast(self.bias, x.dtype))
+        return by_output_groups(self, x, lambda s: self.weight[s].to(x.dtype), F.linear, -1)
 
 
 class CastConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight.to(x.dtype), _cast(self.bias, x.dtype))
+        return by_output_groups(self, x, lambda s: self.weight[s].to(x.dtype), self._conv_forward, 1)
 
 
 class CastGroupNorm(nn.GroupNorm):

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, InputError
+from .precision import by_output_groups
 
 FORMAT = "int8-per-channel"
 FORMAT_VERSION = 1
@@ -162,8 +163,8 @@ class Int8Linear(nn.Module):
     from_float = classmethod(lambda cls, layer: _from_float(cls, layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype), bias)
+        return by_output_groups(self, x, lambda s: dequantize(self.weight[s], self.weight_scale[s], x.dtype),
+                                F.linear, -1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
@@ -193,9 +194,9 @@ class Int8Conv2d(nn.Module):
     from_float = classmethod(lambda cls, layer: _from_float(cls, layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        w = dequantize(self.weight, self.weight_scale, x.dtype)
-        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        return by_output_groups(self, x, lambda s: dequantize(self.weight[s], self.weight_scale[s], x.dtype),
+                                lambda x, w, b: F.conv2d(x, w, b, self.stride, self.padding, self.dilation,
+                                                         self.groups), 1)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
