@@ -72,6 +72,8 @@ class StageMeter:
 
     def __init__(self, device: str):
         self.device, self.stage, self.peaks, self.bases = device, None, {}, {}
+        self.seconds: dict[str, float] = {}  # wall time per stage (summed over its calls)
+        self._entered = 0.0
         self.step_times: list[float] = []
         # a sample is taken and filed under one stage while the stage cannot change: without
         # it a denoise-time RSS could be filed under "decode" (or under None) at the switch
@@ -100,6 +102,7 @@ class StageMeter:
             self.bases.setdefault(stage, torch.cuda.memory_allocated())  # what the stage starts on
         with self._lock:
             self.stage = stage
+        self._entered = time.perf_counter()
 
     def leave(self):
         if self.device == "cuda":
@@ -107,6 +110,7 @@ class StageMeter:
 
             torch.cuda.synchronize()
             self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), torch.cuda.max_memory_allocated())
+        self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + time.perf_counter() - self._entered
         with self._lock:
             if self.device != "cuda":
                 self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), self.rss())
@@ -197,7 +201,8 @@ def child(name: str, device: str, steps: int, workdir: Path) -> dict:
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
     out = {"name": name, "impl": impl, **opts, "device": device, "steps": steps, "seconds_total": total,
-           "seconds_per_step": per_step, "stage_peaks": meter.peaks, "stage_bases": meter.bases}
+           "seconds_per_step": per_step, "stage_peaks": meter.peaks, "stage_bases": meter.bases,
+           "stage_seconds": meter.seconds}
     if device == "cuda":
         import torch
 
@@ -223,16 +228,18 @@ def prepare(workdir: Path, need: set[str]) -> None:
 def markdown(rows: list[dict]) -> str:
     encode = any("encode" in r.get("stage_peaks", {}) for r in rows)
     lines = ["| config | device | size | peak (GiB) | text |" + (" encode |" if encode else "")
-             + " denoise | decode | s/step |", "|---|---|---|---|---|" + ("---|" if encode else "") + "---|---|---|"]
+             + " denoise | decode | s/step | decode s |",
+             "|---|---|---|---|---|" + ("---|" if encode else "") + "---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | | | error: {r['error'][:60]} | | | | |" + (" |" if encode else ""))
+            lines.append(f"| {r['name']} | | | error: {r['error'][:60]} | | | | | |" + (" |" if encode else ""))
             continue
         sp = r["stage_peaks"]
         cell = lambda k: f"{sp[k] / GiB:.2f}" if k in sp else "-"  # noqa: E731
         s = f"{r['seconds_per_step']:.2f}" if r["seconds_per_step"] else "-"
         lines.append(f"| {r['name']} | {r['device']} | {r['size']} | {r['peak'] / GiB:.2f} | {cell('text')} | "
-                     + (f"{cell('encode')} | " if encode else "") + f"{cell('denoise')} | {cell('decode')} | {s} |")
+                     + (f"{cell('encode')} | " if encode else "") + f"{cell('denoise')} | {cell('decode')} | {s} | "
+                     + (f"{r['stage_seconds']['decode']:.2f} |" if "decode" in r.get("stage_seconds", {}) else "- |"))
     return "\n".join(lines)
 
 

@@ -144,10 +144,47 @@ def test_release_keeps_mapped_weights_readable(tiny):
     assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
 
 
-def test_pipeline_uses_kernels_in_normal_mode_only(tiny):
+def test_pipeline_uses_kernels_in_normal_mode_and_for_the_vae(tiny):
     normal = StableDiffusion(tiny.folder)
     assert any(isinstance(m, kernels.PackedConv2d) for m in normal.unet.modules())
     assert any(isinstance(m, kernels.TransposedVAEUpsample) for m in normal.vae.modules())
     low = StableDiffusion(tiny.folder, memory="low")
     unet = low.resident("unet")
     assert not any(isinstance(m, (kernels.PackedConv2d, kernels.PackedLinear)) for m in unet.modules())
+    low.done_with("unet")
+    vae = low.resident("vae")  # runs once per image: packed in low mode too
+    assert any(isinstance(m, kernels.PackedConv2d) for m in vae.modules())
+    assert any(isinstance(m, kernels.TransposedVAEUpsample) for m in vae.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stored_reduced_precision_layers_are_packed_from_their_float32_form(dtype):
+    """stored=True packs precision.Cast layers (fp16/bf16 weights computed in float32) from the
+    float32 conversion they compute with: the same results as casting on every call, the stored
+    weights unchanged; without stored=True they are left alone (test_other_layers_are_left_alone)."""
+    from sdlite.precision import compute_in
+
+    with torch.device("meta"):
+        meta = build_model("vae", TINY)
+    cast = compute_in(randomized(meta, seed=11).to(dtype), torch.float32)
+    state = {k: v.clone() for k, v in cast.state_dict().items()}
+    packed = kernels.cpu_speed_up(copy.deepcopy(cast), stored=True)
+    kinds = {type(m) for m in packed.modules()}
+    assert {kernels.PackedCastConv2d, kernels.TransposedVAEUpsample} <= kinds
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(1, 4, 6, 10, generator=g)
+    img = torch.rand(1, 3, 48, 40, generator=g) * 2 - 1
+    with torch.inference_mode():
+        assert packed.decode(z).dtype == torch.float32
+        assert_close(packed.decode(z), cast.decode(z), what=f"{dtype} VAE decode, packed")
+        assert_close(packed.encode(img)[0], cast.encode(img)[0], what=f"{dtype} VAE encode, packed")
+        # another input dtype falls back to casting on the fly
+        assert packed.decode(z.to(dtype)).dtype == dtype
+    assert all(v.dtype == dtype and torch.equal(state[k], v) for k, v in packed.state_dict().items()
+               if v.is_floating_point())
+    linear = compute_in(nn.Sequential(nn.Linear(24, 40)).to(dtype), torch.float32)
+    packed_linear = kernels.cpu_speed_up(copy.deepcopy(linear), stored=True)
+    assert type(packed_linear[0]) is kernels.PackedCastLinear
+    x = torch.randn(3, 24, generator=g)
+    with torch.inference_mode():
+        assert_close(packed_linear(x), linear(x), rel=1e-6, what=f"{dtype} linear, packed")

@@ -34,6 +34,7 @@ from torch import nn
 
 from . import unet as unet_mod
 from . import vae as vae_mod
+from .precision import CastConv2d, CastLinear
 from .quantize import drop_pages
 
 
@@ -67,8 +68,18 @@ def available() -> bool:
 
 
 def _pack_conv(weight: torch.Tensor, padding, stride, dilation, groups: int, shape) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_convolution_weight(weight.detach(), list(padding), list(stride),
+    return torch.ops.mkldnn._reorder_convolution_weight(_float32(weight), list(padding), list(stride),
                                                         list(dilation), groups, list(shape))
+
+
+def _float32(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as float32 for packing: itself, or the float32 conversion of an fp16/bf16-stored
+    weight (what a precision.Cast layer computes with, so the results stay the same)."""
+    return weight.detach().to(torch.float32)
+
+
+def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.to(torch.float32)
 
 
 class _Derived:
@@ -113,7 +124,7 @@ def _packed_linear(x: torch.Tensor, cache: _Derived, weight: torch.Tensor, bias,
     """x @ weight[rows].T + bias with the rows' packed form from `cache`; attr "gelu" applies
     oneDNN's erf GELU to the output."""
     packed = cache.get(weight, None, lambda: torch.ops.mkldnn._reorder_linear_weight(
-        weight.detach()[rows].contiguous(), None))
+        _float32(weight[rows]).contiguous(), None))
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], "none" if attr == "gelu" else "")
 
 
@@ -127,7 +138,12 @@ class PackedConv2d(nn.Conv2d):
             return super().forward(x)
         w = self.packed.get(self.weight, x.shape, lambda: _pack_conv(self.weight, self.padding, self.stride,
                                                                     self.dilation, self.groups, x.shape))
-        return _packed_conv(x, w, self.bias, self.padding, self.stride, self.dilation, self.groups)
+        return _packed_conv(x, w, _bias32(self.bias), self.padding, self.stride, self.dilation, self.groups)
+
+
+class PackedCastConv2d(PackedConv2d, CastConv2d):
+    """A precision.CastConv2d (fp16/bf16-stored weight, float32 compute) packed from its float32
+    conversion; other input dtypes fall back to the cast-on-the-fly forward."""
 
 
 class PackedLinear(nn.Linear):
@@ -136,7 +152,11 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return super().forward(x)
-        return _packed_linear(x, self.packed, self.weight, self.bias)
+        return _packed_linear(x, self.packed, self.weight, _bias32(self.bias))
+
+
+class PackedCastLinear(PackedLinear, CastLinear):
+    """PackedLinear for a precision.CastLinear (see PackedCastConv2d)."""
 
 
 def transposed_taps(w: torch.Tensor) -> torch.Tensor:
@@ -152,7 +172,8 @@ def transposed_taps(w: torch.Tensor) -> torch.Tensor:
         t0, t1, t2 = t.unbind(dim)
         return torch.stack([t2, t1 + t2, t0 + t1, t0], dim)
 
-    return fold(fold(w.detach().double(), 2), 3).to(w.dtype).transpose(0, 1).contiguous()
+    dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype  # stored-only dtypes
+    return fold(fold(w.detach().double(), 2), 3).to(dtype).transpose(0, 1).contiguous()
 
 
 class _TransposedUpsample:
@@ -170,7 +191,7 @@ class _TransposedUpsample:
         taps = self.taps.get(weight, None, lambda: transposed_taps(weight))
         packed = self.packed.get(taps, x.shape, lambda: torch.ops.mkldnn._reorder_convolution_transpose_weight(
             taps, [1, 1], [0, 0], [2, 2], [1, 1], 1, list(x.shape)))
-        return torch.ops.mkldnn._convolution_transpose_pointwise(x, packed, self.conv.bias, [1, 1], [0, 0], [2, 2],
+        return torch.ops.mkldnn._convolution_transpose_pointwise(x, packed, _bias32(self.conv.bias), [1, 1], [0, 0], [2, 2],
                                                                  [1, 1], 1, "none", [], "")
 
 
@@ -211,15 +232,26 @@ class SplitGEGLU(unet_mod.GEGLU):
 _UPSAMPLES = {unet_mod.Upsample: TransposedUNetUpsample, vae_mod.Upsample: TransposedVAEUpsample}
 
 
-def _plain_float32(module: nn.Module) -> bool:
+_CAST = {CastConv2d: PackedCastConv2d, CastLinear: PackedCastLinear}
+
+
+def _plain_float32(module: nn.Module, stored: bool = False) -> bool:
+    """A CPU layer computing in float32 with float32 weights, or (`stored`) a precision.Cast layer
+    whose fp16/bf16-stored weights are converted to float32 when it runs."""
     w = getattr(module, "weight", None)
-    return isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu"
+    if not isinstance(w, torch.Tensor) or w.device.type != "cpu":
+        return False
+    return w.dtype == torch.float32 or (stored and type(module) in _CAST and w.dtype in (torch.float16, torch.bfloat16))
 
 
-def cpu_speed_up(model: nn.Module, release: bool = False) -> nn.Module:
+def cpu_speed_up(model: nn.Module, release: bool = False, stored: bool = False) -> nn.Module:
     """Swap in the exact CPU speed-ups for every plain float32 layer of `model` (in place).
 
-    Layers of other classes (cast-on-the-fly, int8) and other dtypes/devices are left alone.
+    Layers of other classes (int8) and other dtypes/devices are left alone, and so are
+    cast-on-the-fly layers (precision.Cast*, fp16/bf16-stored weights computed in float32)
+    unless `stored=True`: then they are packed from their float32 conversion, which holds the
+    weights in float32 (twice their stored size) for a faster call (the pipeline does so for the
+    VAE, whose packed decoder is 198 MB).
     `release=True`: the weights are memory-mapped from the checkpoint file, so the pages of
     weights that were re-packed are dropped from memory (no second copy stays resident).
     """
@@ -228,7 +260,7 @@ def cpu_speed_up(model: nn.Module, release: bool = False) -> nn.Module:
     handled = set()  # layers a swapped parent module runs itself
     for module in model.modules():
         cls = _UPSAMPLES.get(type(module))
-        if cls is not None and type(module.conv) is nn.Conv2d and _plain_float32(module.conv) \
+        if cls is not None and type(module.conv) in (nn.Conv2d, CastConv2d) and _plain_float32(module.conv, stored) \
                 and module.conv.kernel_size == (3, 3) and module.conv.padding == (1, 1) \
                 and module.conv.stride == (1, 1) and module.conv.groups == 1:
             module.__class__ = cls
@@ -241,12 +273,13 @@ def cpu_speed_up(model: nn.Module, release: bool = False) -> nn.Module:
             module._prepare(release)
             handled.add(id(module.proj))
     for module in model.modules():
-        if id(module) in handled or not _plain_float32(module):
+        if id(module) in handled or not _plain_float32(module, stored):
             continue
-        if type(module) is nn.Conv2d and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
+        if type(module) in (nn.Conv2d, CastConv2d) and module.padding_mode == "zeros" \
+                and isinstance(module.padding, tuple):
             module.packed = _Derived(release)
-            module.__class__ = PackedConv2d
-        elif type(module) is nn.Linear:
+            module.__class__ = _CAST.get(type(module), PackedConv2d)
+        elif type(module) in (nn.Linear, CastLinear):
             module.packed = _Derived(release)
-            module.__class__ = PackedLinear
+            module.__class__ = _CAST.get(type(module), PackedLinear)
     return model
