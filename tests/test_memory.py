@@ -115,27 +115,39 @@ print(other, unet, round(kept), round(trimmed), round(rss() - base))
 def test_low_memory_malloc_reuses_freed_blocks_in_the_unet_stage_and_trims_after():
     """Low mode's malloc policy, in a fresh process. In the UNet stage a freed block below
     LOW_MMAP_THRESHOLD is reused by the next tensors: 50 tensors of 4 MiB made and freed in turn
-    fault in almost no pages (the other stages: 1024 pages each); freed heap memory stays during
-    the stage and goes back to the OS when `done_with` trims it; larger tensors are returned at once."""
+    fault in a few blocks' pages at most (measured 0-3072; the other stages: 1024 pages each);
+    freed heap memory stays during the stage and goes back to the OS when `done_with` trims it;
+    larger tensors are returned at once."""
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(_MALLOC)], capture_output=True, text=True,
                          timeout=120, check=True)
     other, unet, kept, trimmed, after_big = map(int, run.stdout.split())
     print(f"[malloc] page faults of 50 x 4 MiB: other stages {other}, UNet stage {unet}; freed 200 MiB kept "
           f"{kept} MiB, after trim {trimmed} MiB, after a big block {after_big} MiB")
     assert other >= 40 * 1024, f"control: fresh pages for each 4 MiB tensor expected, {other} faults"
-    assert unet <= 2048, f"the UNet stage faulted in {unet} pages for 50 reused 4 MiB blocks"
+    # reused blocks fault nothing; a few fresh ones (small tensors splitting a freed block) may
+    assert unet <= other // 10, f"the UNet stage faulted in {unet} pages for 50 reused 4 MiB blocks ({other})"
     assert kept >= 150, f"the heap gave back freed blocks during the stage ({kept} MiB kept of 200)"
     assert trimmed <= 20 and after_big <= 20, (trimmed, after_big)
 
 
 def test_low_memory_trims_the_heap_when_each_stage_ends(tiny, monkeypatch):
+    """Each stage's heap is trimmed after its model is gone (a model still referenced when the
+    trim runs would leave its freed memory in the heap through the next stage)."""
+    import weakref
+
     from sdlite import pipeline
 
-    ends = []
-    monkeypatch.setattr(pipeline, "_give_back_freed_memory", lambda: ends.append(tuple(sd.resident_components())))
     sd = StableDiffusion(tiny.folder, memory="low")
+    loaded = []
+    real_load = sd.load_component
+    sd.load_component = lambda component: loaded.append(weakref.ref(model := real_load(component))) or model
+    alive_at_trims = []
+    monkeypatch.setattr(pipeline, "_give_back_freed_memory",
+                        lambda: alive_at_trims.append(sum(ref() is not None for ref in loaded)))
     sd.txt2img(PROMPT, width=32, height=32, steps=2, seed=1)
-    assert ends == [(), (), ()]  # after the text encoder, the UNet and the VAE were freed
+    sd.img2img(PROMPT, _image(), steps=2, strength=0.5, seed=1)
+    assert len(loaded) == 7  # text, UNet, VAE; text, VAE (encode), UNet, VAE
+    assert len(alive_at_trims) == 14 and not any(alive_at_trims), alive_at_trims  # at each load and each end
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

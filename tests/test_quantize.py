@@ -172,6 +172,8 @@ def test_cpu_layers_rebuild_large_weights_in_groups_of_output_channels(kind, mon
     record.rows.clear()
     grouped = layer(x)
     assert record.rows == [1] * 40
+    if kind.endswith("conv"):  # an unbatched (C, H, W) input: groups join along its channel dim
+        assert_close(layer(x[0]), grouped[0], rel=1e-6, what=f"{kind}, unbatched input")
     monkeypatch.undo()
     assert_close(grouped, layer(x), rel=1e-6, what=f"{kind} without bias, one row a group")
 

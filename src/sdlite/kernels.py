@@ -241,7 +241,9 @@ def _plain_float32(module: nn.Module, stored: bool = False) -> bool:
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or w.device.type != "cpu":
         return False
-    return w.dtype == torch.float32 or (stored and type(module) in _CAST and w.dtype in (torch.float16, torch.bfloat16))
+    if type(module) in _CAST:
+        return stored and w.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return w.dtype == torch.float32
 
 
 def cpu_speed_up(model: nn.Module, release: bool = False, stored: bool = False) -> nn.Module:

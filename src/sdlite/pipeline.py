@@ -118,7 +118,8 @@ class StableDiffusion:
     - `device`: "cpu" (default), "cuda", "mps", ...
     - `dtype`: the compute dtype; float32 on CPU and float16 on GPUs by default. On the CPU,
       weights stored in fp16/bf16 stay in their stored dtype and each layer computes in `dtype`
-      (no full-precision copy of the model).
+      (no full-precision copy of the UNet or text encoder; the VAE, run once per image, is packed
+      from its float32 form for oneDNN: 198 MB for SD's decoder).
     - `memory`: "normal" keeps the three models loaded for repeated generation; on CUDA the
       UNet stays on the GPU while the text encoder and VAE wait in pinned host memory between
       their stages, and of the VAE only the half that runs goes to the GPU (parking.py: 0.39
@@ -202,7 +203,8 @@ class StableDiffusion:
         model = self.checkpoint.load(component, load_dtype, self.load_device(component), int8=int8)
         model = compute_in(model, self.dtype) if keep_stored or self.storage_dtype else model
         # The re-packed weights' file pages can be dropped when they are this load's own memory
-        # map (released checkpoint, stored float32).
+        # map (released checkpoint; stored float32, or the VAE, packed from any float dtype;
+        # drop_pages leaves memory that is not a file mapping alone).
         return self.prepare(component, model, release=self.checkpoint.tensors is None
                             and (stored == torch.float32 or component == "vae"))
 
@@ -289,6 +291,7 @@ class StableDiffusion:
         """The model for a component, loaded if needed and on the device (of a parked model,
         only `part` of it if given: a key of PARK_PARTS[component])."""
         if self.memory == "low" and getattr(self, COMPONENT_ATTRS[component]) is None:
+            _give_back_freed_memory()  # also what the last stage freed after its end
             _malloc_for_low_memory(component)
         model = self._loaded(component)
         if self._parks(component):
@@ -357,6 +360,7 @@ class StableDiffusion:
                                              stream=stream)
                 eps = torch.randn(mean.shape, generator=g, dtype=torch.float32).to(self.device, mean.dtype)
                 out.append(mean + torch.exp(0.5 * logvar) * eps)
+            del vae  # freed when the stage ends (low mode), before its memory is trimmed
         # Latent bookkeeping (noise, blending) happens on the CPU in float32, like x_T.
         return torch.cat(out).float().cpu() * self.config.vae.scale_factor
 
@@ -374,6 +378,7 @@ class StableDiffusion:
                 unet.forget_if_weights_moved()
             x = samplers.get_sampler(job.sampler)(model, x, sigmas, callback=callback,
                                                   noise_sampler=self._noise_sampler(x, job), **options)
+            del unet  # freed when the stage ends (low mode), before its memory is trimmed
         return samplers.to_vp(x, sigmas[-1])
 
     def _batches_cfg(self, latents: torch.Tensor) -> bool:
@@ -403,6 +408,7 @@ class StableDiffusion:
             if not torch.isfinite(image).all() and self.dtype != torch.float32:
                 warnings.warn("VAE decode gave NaN/inf in reduced precision; retrying in float32", stacklevel=2)
                 image = tiling.decode(compute_in(vae, torch.float32), z.float().to(self.device), self.vae_tiling).float()
+            del vae  # freed when the stage ends (low mode), before its memory is trimmed
         if not torch.isfinite(image).all():
             raise SdliteError("the VAE decoder produced NaN/inf (broken VAE weights?)")
         return image

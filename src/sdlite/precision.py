@@ -3,7 +3,8 @@
 `compute_in(model, dtype)` makes a model whose weights are stored in one dtype (e.g. fp16, as
 the file holds them, memory-mapped) compute in another (e.g. fp32 on a CPU without fast fp16),
 one layer at a time: each layer casts its own weights when it runs, so no full-precision copy of
-the model ever exists. It swaps the classes of the standard layers in place (the model files
+the model ever exists (kernels.cpu_speed_up(..., stored=True) may pack them in float32 instead,
+as the pipeline does for the VAE on the CPU). It swaps the classes of the standard layers in place (the model files
 stay plain); parameters and keys are untouched.
 """
 
@@ -36,23 +37,30 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def by_output_groups(layer: nn.Module, x: torch.Tensor, weight: Callable[[slice], torch.Tensor],
-                     apply: Callable[[torch.Tensor, torch.Tensor | None, slice], torch.Tensor], dim: int) -> torch.Tensor:
+                     apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+                     dim: int) -> torch.Tensor:
     """`apply(x, weight_rows, bias_rows)` for all of `layer`'s output channels at once or, on the
-    CPU when the rebuilt weight would exceed CPU_WEIGHT_GROUP_BYTES, group by group, with the
-    outputs concatenated along `dim` (the channel dim of the output). `weight(rows)` rebuilds
-    the weight rows in x's dtype. Each output channel is computed as it would be in one call
-    (same products and sums; the kernel may block its sums differently: float rounding)."""
+    CPU when the weight is rebuilt (its stored dtype is not x's) and the rebuilt weight would
+    exceed CPU_WEIGHT_GROUP_BYTES, group by group, each group's output copied into its slice of
+    one output tensor along `dim` (the output's channel dim, counted from the end). `weight(rows)`
+    rebuilds the weight rows in x's dtype. Each output channel is computed as it would be in one
+    call (same products and sums; the kernel may block its sums differently: float rounding)."""
     out = layer.weight.shape[0]
-    per_row = layer.weight[0].numel() * x.element_size()
-    rows = max(1, CPU_WEIGHT_GROUP_BYTES // per_row)
+    rows = max(1, CPU_WEIGHT_GROUP_BYTES // (layer.weight[0].numel() * x.element_size()))
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    if x.device.type != "cpu" or rows >= out or getattr(layer, "groups", 1) != 1:
+    if x.device.type != "cpu" or rows >= out or layer.weight.dtype == x.dtype or getattr(layer, "groups", 1) != 1:
         return apply(x, weight(slice(None)), bias)
-    parts = []
+    result = None
     for start in range(0, out, rows):
         s = slice(start, min(start + rows, out))
-        parts.append(apply(x, weight(s), None if bias is None else bias[s]))  # each group's weight freed here
-    return torch.cat(parts, dim)
+        part = apply(x, weight(s), None if bias is None else bias[s])  # the group's weight is freed here
+        if result is None:
+            shape = list(part.shape)
+            shape[dim] = out
+            result = part.new_empty(shape)
+        result.narrow(dim, s.start, s.stop - s.start).copy_(part)
+        del part
+    return result
 
 
 class CastLinear(nn.Linear):
@@ -62,7 +70,7 @@ class CastLinear(nn.Linear):
 
 class CastConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return by_output_groups(self, x, lambda s: self.weight[s].to(x.dtype), self._conv_forward, 1)
+        return by_output_groups(self, x, lambda s: self.weight[s].to(x.dtype), self._conv_forward, -3)
 
 
 class CastGroupNorm(nn.GroupNorm):

@@ -196,7 +196,7 @@ class Int8Conv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return by_output_groups(self, x, lambda s: dequantize(self.weight[s], self.weight_scale[s], x.dtype),
                                 lambda x, w, b: F.conv2d(x, w, b, self.stride, self.padding, self.dilation,
-                                                         self.groups), 1)
+                                                         self.groups), -3)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
