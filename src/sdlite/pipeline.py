@@ -203,10 +203,9 @@ class StableDiffusion:
         model = self.checkpoint.load(component, load_dtype, self.load_device(component), int8=int8)
         model = compute_in(model, self.dtype) if keep_stored or self.storage_dtype else model
         # The re-packed weights' file pages can be dropped when they are this load's own memory
-        # map (released checkpoint; stored float32, or the VAE, packed from any float dtype;
-        # drop_pages leaves memory that is not a file mapping alone).
-        return self.prepare(component, model, release=self.checkpoint.tensors is None
-                            and (stored == torch.float32 or component == "vae"))
+        # map (a released checkpoint); drop_pages leaves memory that is not a file mapping alone
+        # (e.g. weights converted to another dtype while loading).
+        return self.prepare(component, model, release=self.checkpoint.tensors is None)
 
     def prepare(self, component: str, model: torch.nn.Module, release: bool = False) -> torch.nn.Module:
         """The run-time speed-ups for a loaded model (also for one loaded elsewhere, e.g. a VAE
