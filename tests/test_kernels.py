@@ -54,8 +54,80 @@ def test_upsample_swaps_match_and_keep_odd_sizes():
         assert_close(vswapped(x[:, :8]), vup(x[:, :8]), rel=1e-5, what="VAE upsample")
 
 
-@pytest.mark.parametrize("component", ["unet", "vae", "text"])
-def test_swapped_models_equal_eager(component):
+@pytest.fixture
+def winograd_everywhere(monkeypatch):
+    """Every 3x3 stride-1 convolution through Winograd (the tiny models' maps are below the
+    size where exact mode uses it)."""
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_PIXELS", 0)
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 0)
+
+
+@pytest.mark.parametrize("points", [kernels.WINOGRAD_POINTS, (0.0, 1.0, -1.0, 2.0, -2.0)])
+def test_toom_cook_matrices_compute_the_correlation(points):
+    """A^T [(G g) * (B^T d)] is the 4-output correlation of a 6-tap input with a 3-tap filter
+    (float64: exact up to rounding), for our points and the textbook ones."""
+    at, g, bt = kernels._toom_cook(points)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        d, f = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+        expect = torch.stack([(d[i:i + 3] * f).sum() for i in range(4)])
+        assert torch.allclose(at @ ((g @ f) * (bt @ d)), expect, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,c,k,h,w", [(1, 8, 16, 8, 12), (2, 12, 8, 17, 5), (1, 32, 24, 34, 20), (1, 4, 4, 1, 1),
+                                       (2, 16, 16, 3, 2)])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_winograd_conv3x3_equals_conv2d(n, c, k, h, w, layout, monkeypatch):
+    """F(4x4, 3x3) against a float64 convolution: ragged tile edges, both layouts, with and
+    without bias, one tile row per band and one band for all; a result in channels-last."""
+    gen = torch.Generator().manual_seed(h * w + c)
+    x = torch.randn(n, c, h, w, generator=gen)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(k, c, 3, 3, generator=gen) / (3 * c**0.5)
+    bias = torch.randn(k, generator=gen)
+    for band_bytes in (1, 1 << 30):
+        monkeypatch.setattr(kernels, "WINOGRAD_BAND_BYTES", band_bytes)
+        for b in (bias, None):
+            ours = kernels.winograd_conv3x3(x, weight, b)
+            expect = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+            assert ours.is_contiguous(memory_format=torch.channels_last) and ours.dtype == torch.float32
+            assert_close(ours, expect, rel=1e-5, what=f"winograd {tuple(x.shape)} band {band_bytes} bias {b is not None}")
+
+
+def test_packed_convolutions_use_winograd_only_where_it_pays(monkeypatch):
+    """3x3 stride-1 convolutions on maps of WINOGRAD_MIN_PIXELS (batch x height x width) with
+    WINOGRAD_MIN_CHANNELS in and out; strided, 1x1, narrow or small ones stay on oneDNN."""
+    calls = []
+    real = kernels.winograd_conv3x3
+    monkeypatch.setattr(kernels, "winograd_conv3x3", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_PIXELS", 2 * 16 * 16)
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 16)
+    torch.manual_seed(0)
+    cases = [  # (conv, input shape, expected to use Winograd)
+        (nn.Conv2d(16, 24, 3, padding=1), (2, 16, 16, 16), True),
+        (nn.Conv2d(16, 24, 3, padding=1), (1, 16, 16, 32), True),
+        (nn.Conv2d(16, 24, 3, padding=1), (1, 16, 16, 16), False),  # too few pixels
+        (nn.Conv2d(8, 24, 3, padding=1), (2, 8, 16, 16), False),  # too few input channels
+        (nn.Conv2d(16, 8, 3, padding=1), (2, 16, 16, 16), False),  # too few output channels
+        (nn.Conv2d(16, 24, 3, padding=1, stride=2), (2, 16, 16, 16), False),
+        (nn.Conv2d(16, 24, 1), (2, 16, 16, 16), False),
+        (nn.Conv2d(16, 24, 3, padding=2, dilation=2), (2, 16, 16, 16), False),
+    ]
+    for conv, shape, expected in cases:
+        packed = kernels.cpu_speed_up(nn.Sequential(copy.deepcopy(conv)))
+        x = torch.randn(shape)
+        calls.clear()
+        with torch.inference_mode():
+            assert_close(packed(x), conv(x), rel=1e-5, what=f"{conv} on {shape}")
+        assert bool(calls) == expected, f"{conv} on {shape}: winograd used {bool(calls)}"
+
+
+@pytest.mark.parametrize("component,winograd", [("unet", False), ("vae", False), ("text", False), ("unet", True),
+                                                ("vae", True)])
+def test_swapped_models_equal_eager(component, winograd, request):
+    if winograd:
+        request.getfixturevalue("winograd_everywhere")
     with torch.device("meta"):
         meta = build_model(component, TINY)
     eager = randomized(meta, seed=3)
@@ -157,12 +229,16 @@ def test_pipeline_uses_kernels_in_normal_mode_and_for_the_vae(tiny):
     assert any(isinstance(m, kernels.TransposedVAEUpsample) for m in vae.modules())
 
 
+@pytest.mark.parametrize("winograd", [False, True], ids=["onednn", "winograd"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_stored_reduced_precision_layers_are_packed_from_their_float32_form(dtype):
+def test_stored_reduced_precision_layers_are_packed_from_their_float32_form(dtype, winograd, request):
     """stored=True packs precision.Cast layers (fp16/bf16 weights computed in float32) from the
     float32 conversion they compute with: the same results as casting on every call, the stored
     weights unchanged; without stored=True they are left alone (test_other_layers_are_left_alone)."""
     from sdlite.precision import compute_in
+
+    if winograd:
+        request.getfixturevalue("winograd_everywhere")
 
     with torch.device("meta"):
         meta = build_model("vae", TINY)
