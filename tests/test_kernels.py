@@ -88,11 +88,14 @@ def test_winograd_conv3x3_equals_conv2d(n, c, k, h, w, layout, monkeypatch):
     bias = torch.randn(k, generator=gen)
     for band_bytes in (1, 1 << 30):
         monkeypatch.setattr(kernels, "WINOGRAD_BAND_BYTES", band_bytes)
-        for b in (bias, None):
-            ours = kernels.winograd_conv3x3(x, weight, b)
-            expect = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+        for b, pad_rows in ((bias, 1), (None, 1), (bias, 0)):
+            if h + 2 * pad_rows < 3:
+                continue
+            ours = kernels.winograd_conv3x3(x, weight, b, pad_rows=pad_rows)
+            expect = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=(pad_rows, 1))
             assert ours.is_contiguous(memory_format=torch.channels_last) and ours.dtype == torch.float32
-            assert_close(ours, expect, rel=1e-5, what=f"winograd {tuple(x.shape)} band {band_bytes} bias {b is not None}")
+            assert_close(ours, expect, rel=1e-5,
+                         what=f"winograd {tuple(x.shape)} band {band_bytes} bias {b is not None} pad_rows {pad_rows}")
 
 
 def test_packed_convolutions_use_winograd_only_where_it_pays(monkeypatch):
@@ -121,6 +124,26 @@ def test_packed_convolutions_use_winograd_only_where_it_pays(monkeypatch):
         with torch.inference_mode():
             assert_close(packed(x), conv(x), rel=1e-5, what=f"{conv} on {shape}")
         assert bool(calls) == expected, f"{conv} on {shape}: winograd used {bool(calls)}"
+
+
+def test_conv_inner_rows_drops_the_padded_rows(monkeypatch):
+    """streaming.py's band convolution: conv(x) without its first and last rows, computed
+    without them by Winograd where it pays, by the layer itself otherwise."""
+    calls = []
+    real = kernels.winograd_conv3x3
+    monkeypatch.setattr(kernels, "winograd_conv3x3", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_PIXELS", 16 * 16)
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 8)
+    torch.manual_seed(2)
+    for conv, shape, winograd in [(nn.Conv2d(8, 16, 3, padding=1), (1, 8, 18, 16), True),
+                                  (nn.Conv2d(8, 16, 3, padding=1), (1, 8, 10, 16), False),
+                                  (nn.Conv2d(8, 16, 1), (1, 8, 18, 16), False)]:
+        packed = kernels.cpu_speed_up(nn.Sequential(copy.deepcopy(conv)))[0]
+        x = torch.randn(shape)
+        calls.clear()
+        with torch.inference_mode():
+            assert_close(kernels.conv_inner_rows(packed, x), conv(x)[:, :, 1:-1], rel=1e-5, what=f"{conv} {shape}")
+        assert calls == ([{"pad_rows": 0}] if winograd else [])
 
 
 @pytest.mark.parametrize("component,winograd", [("unet", False), ("vae", False), ("text", False), ("unet", True),

@@ -79,14 +79,22 @@ def test_bands_really_split(tiny_vae, tiny_bands, monkeypatch):
     assert any(f is True for f in freed) and all(f in (True, None) for f in freed)
 
 
-@pytest.mark.parametrize("kind", ["kernels", "fp16-stored", "bf16", "fp16"])
-def test_tiny_streamed_equals_plain_for_each_layer_kind(tiny, tiny_bands, kind):
+@pytest.mark.parametrize("kind", ["kernels", "winograd", "fp16-stored", "bf16", "fp16"])
+def test_tiny_streamed_equals_plain_for_each_layer_kind(tiny, tiny_bands, kind, monkeypatch):
     vae = open_checkpoint(tiny.folder).load("vae")
     z, dtype = latents((1, 4, 12, 16)), torch.float32
-    if kind == "kernels":
+    if kind in ("kernels", "winograd"):
         if not kernels_available():
             pytest.fail("oneDNN kernels unavailable on this CPU build (they are expected on x86 Linux)")
         cpu_speed_up(vae)
+    if kind == "winograd":  # every 3x3 convolution, the band ones computing only their inner rows
+        from sdlite import kernels
+
+        monkeypatch.setattr(kernels, "WINOGRAD_MIN_PIXELS", 0)
+        monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 0)
+        calls = []
+        real = kernels.winograd_conv3x3
+        monkeypatch.setattr(kernels, "winograd_conv3x3", lambda *a, **k: calls.append(k) or real(*a, **k))
     elif kind == "fp16-stored":
         vae = compute_in(vae.half(), torch.float32)
     else:  # reduced-precision compute, as on GPUs (fp16 is CUDA's default)
@@ -103,6 +111,8 @@ def test_tiny_streamed_equals_plain_for_each_layer_kind(tiny, tiny_bands, kind):
     assert (out - ref).abs().max().item() < tol * ref.abs().max().item()
     for a, b in zip(out_enc, ref_enc):
         assert (a.float() - b.float()).abs().max().item() < tol * b.float().abs().max().item()
+    if kind == "winograd":
+        assert {"pad_rows": 0} in calls and {} in calls  # band convolutions, and whole-map ones
 
 
 @pytest.fixture(scope="module")

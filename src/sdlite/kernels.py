@@ -181,9 +181,10 @@ WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_BAND_BYTES = 8 << 20
 
 
-def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """conv2d(x, weight, bias, padding=1) for a 3x3 float32 weight on a CPU input, by Winograd
-    F(4x4, 3x3). Computed channels-last (oneDNN's
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     pad_rows: int = 1) -> torch.Tensor:
+    """conv2d(x, weight, bias, padding=(pad_rows, 1)) for a 3x3 float32 weight on a CPU input
+    (pad_rows 1 or 0), by Winograd F(4x4, 3x3). Computed channels-last (oneDNN's
     convolutions hand each other NHWC tensors), and so is the result, as oneDNN's is.
 
     The filter transform U (36, in, out) is made per call, so no 4x larger copy of the weights
@@ -192,8 +193,9 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     multiplied by U (36 GEMMs over the input channels, as one bmm), transformed back (one GEMM
     with kron(A^T, A^T)) and written into its rows of the output with the bias."""
     kg, kb, ka = _winograd_matrices()
-    n, c, h, w = x.shape
+    n, c, h_in, w = x.shape
     k = weight.shape[0]
+    h = h_in + 2 * pad_rows - 2  # output rows
     rows, cols = -(-h // 4), -(-w // 4)  # tiles; ragged edges are computed on zeros and cut off
     u = torch.mm(kg, weight.reshape(k * c, 9).t()).view(36, k, c).transpose(1, 2)
     band = max(1, min(rows, WINOGRAD_BAND_BYTES // (36 * 4 * max(c, k) * cols)))
@@ -202,8 +204,8 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     for i in range(n):
         for r0 in range(0, rows, band):
             r = min(band, rows - r0)
-            lo, hi = 4 * r0 - 1, 4 * (r0 + r) + 1  # input rows the band's tiles read
-            part = F.pad(xh[i, max(lo, 0):min(hi, h)], (0, 0, 1, 1 + 4 * cols - w, int(lo < 0), max(hi - h, 0)))
+            lo, hi = 4 * r0 - pad_rows, 4 * (r0 + r) + 2 - pad_rows  # input rows the band's tiles read
+            part = F.pad(xh[i, max(lo, 0):min(hi, h_in)], (0, 0, 1, 1 + 4 * cols - w, max(-lo, 0), max(hi - h_in, 0)))
             tiles = part.unfold(0, 6, 4).unfold(1, 6, 4).permute(3, 4, 0, 1, 2).reshape(36, r * cols * c)
             v = torch.mm(kb, tiles).view(36, r * cols, c)
             y = torch.mm(ka, torch.bmm(v, u).view(36, r * cols * k)).view(4, 4, r, cols, k).permute(2, 0, 3, 1, 4)
@@ -219,8 +221,20 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out.permute(0, 3, 1, 2)
 
 
-def _winograd_pays(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+def conv_inner_rows(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) without its first and last output rows (the rows its zero padding touches): what
+    a row band of a larger map needs when x already holds the rows above and below it
+    (streaming.py). A packed 3x3 convolution that runs by Winograd computes only those rows."""
+    if isinstance(conv, PackedConv2d) and x.dtype == torch.float32 and x.device.type == "cpu" \
+            and _winograd_pays(conv, x, rows=x.shape[-2] - 2):
+        return winograd_conv3x3(x, _float32(conv.weight), _bias32(conv.bias), pad_rows=0)
+    return conv(x)[:, :, 1:-1]
+
+
+def _winograd_pays(conv: nn.Conv2d, x: torch.Tensor, rows: int | None = None) -> bool:
+    """Whether `conv` on x (giving `rows` output rows, default x's height) runs by Winograd."""
     n, c, h, w = x.shape if x.dim() == 4 else (0, 0, 0, 0)
+    h = h if rows is None else rows
     return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1
             and n * h * w >= WINOGRAD_MIN_PIXELS and min(c, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import conv_inner_rows
+
 # Stream when the largest activation of a decode would exceed this (bytes); below it the
 # ordinary decode is used unchanged. 64 MiB: SD at 512x512 streams in float32 and float16.
 STREAM_ABOVE_BYTES = 64 * 2**20
@@ -230,7 +232,7 @@ def _norm_act_conv(x: Banded, norm: nn.GroupNorm | None, conv: nn.Module, *, con
         else:
             slab = x.slab(lo, hi, normalize)
             F.silu(slab, inplace=True)
-        y = conv(slab)[:, :, 1:-1]
+        y = conv_inner_rows(conv, slab)
         del slab
         if residual is not None:
             row = 0
