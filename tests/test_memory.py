@@ -88,15 +88,20 @@ def rss():  # resident memory of this process now, in MiB
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
 
-def faults_of_cycles(n=50):  # page faults of n tensors of 4 MiB, each filled and freed in turn
-    torch.ones(1 << 20)
+def faults_of_cycles(n=50, numel=1 << 20):  # page faults of n tensors (4 MiB), each filled and freed in turn
+    torch.ones(numel)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(n):
-        torch.ones(1 << 20)
+        torch.ones(numel)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 _malloc_for_low_memory()  # the other stages: blocks of 128 KiB or more get their own pages
 other = faults_of_cycles()
+other_16 = faults_of_cycles(numel=4 << 20)
+_malloc_for_low_memory("vae")  # 16 MiB blocks (above the UNet stage's threshold) reused too
+vae_16 = faults_of_cycles(numel=4 << 20)
+_malloc_for_low_memory()
+_give_back_freed_memory()
 _malloc_for_low_memory("unet")
 unet = faults_of_cycles()
 base = rss()
@@ -107,22 +112,25 @@ _give_back_freed_memory()  # the stage ended
 trimmed = rss() - base
 big = torch.ones(LOW_MMAP_THRESHOLD // 4 + 1)  # its own mapping: returned when freed
 del big
-print(other, unet, round(kept), round(trimmed), round(rss() - base))
+print(other, unet, round(kept), round(trimmed), round(rss() - base), other_16, vae_16)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc; reads /proc/self/status")
-def test_low_memory_malloc_reuses_freed_blocks_in_the_unet_stage_and_trims_after():
-    """Low mode's malloc policy, in a fresh process. In the UNet stage a freed block below
+def test_low_memory_malloc_reuses_freed_blocks_in_the_unet_and_vae_stages_and_trims_after():
+    """Low mode's malloc policy, in a fresh process. In the VAE stage 16 MiB blocks are reused
+    (below LOW_VAE_MMAP_THRESHOLD). In the UNet stage a freed block below
     LOW_MMAP_THRESHOLD is reused by the next tensors: 50 tensors of 4 MiB made and freed in turn
     fault in a few blocks' pages at most (measured 0-3072; the other stages: 1024 pages each);
     freed heap memory stays during the stage and goes back to the OS when `done_with` trims it;
     larger tensors are returned at once."""
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(_MALLOC)], capture_output=True, text=True,
                          timeout=120, check=True)
-    other, unet, kept, trimmed, after_big = map(int, run.stdout.split())
+    other, unet, kept, trimmed, after_big, other_16, vae_16 = map(int, run.stdout.split())
     print(f"[malloc] page faults of 50 x 4 MiB: other stages {other}, UNet stage {unet}; freed 200 MiB kept "
-          f"{kept} MiB, after trim {trimmed} MiB, after a big block {after_big} MiB")
+          f"{kept} MiB, after trim {trimmed} MiB, after a big block {after_big} MiB; 50 x 16 MiB: other "
+          f"stages {other_16}, VAE stage {vae_16}")
+    assert other_16 >= 160 * 1024 and vae_16 <= other_16 // 10, (other_16, vae_16)
     assert other >= 40 * 1024, f"control: fresh pages for each 4 MiB tensor expected, {other} faults"
     # reused blocks fault nothing; a few fresh ones (small tensors splitting a freed block) may
     assert unet <= other // 10, f"the UNet stage faulted in {unet} pages for 50 reused 4 MiB blocks ({other})"
