@@ -103,7 +103,7 @@ def test_packed_convolutions_use_winograd_only_where_it_pays(monkeypatch):
     WINOGRAD_MIN_CHANNELS in and out; strided, 1x1, narrow or small ones stay on oneDNN."""
     calls = []
     real = kernels.winograd_conv3x3
-    monkeypatch.setattr(kernels, "winograd_conv3x3", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(kernels, "winograd_conv3x3", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     monkeypatch.setattr(kernels, "WINOGRAD_MIN_PIXELS", 2 * 16 * 16)
     monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 16)
     torch.manual_seed(0)
@@ -116,6 +116,7 @@ def test_packed_convolutions_use_winograd_only_where_it_pays(monkeypatch):
         (nn.Conv2d(16, 24, 3, padding=1, stride=2), (2, 16, 16, 16), False),
         (nn.Conv2d(16, 24, 1), (2, 16, 16, 16), False),
         (nn.Conv2d(16, 24, 3, padding=2, dilation=2), (2, 16, 16, 16), False),
+        (nn.Conv2d(16, 24, 3, padding=1, groups=2), (2, 16, 16, 16), False),
     ]
     for conv, shape, expected in cases:
         packed = kernels.cpu_speed_up(nn.Sequential(copy.deepcopy(conv)))
@@ -131,7 +132,7 @@ def test_conv_inner_rows_drops_the_padded_rows(monkeypatch):
     without them by Winograd where it pays, by the layer itself otherwise."""
     calls = []
     real = kernels.winograd_conv3x3
-    monkeypatch.setattr(kernels, "winograd_conv3x3", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(kernels, "winograd_conv3x3", lambda *a, **k: calls.append(k["pad_rows"]) or real(*a, **k))
     monkeypatch.setattr(kernels, "WINOGRAD_MIN_PIXELS", 16 * 16)
     monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 8)
     torch.manual_seed(2)
@@ -143,7 +144,7 @@ def test_conv_inner_rows_drops_the_padded_rows(monkeypatch):
         calls.clear()
         with torch.inference_mode():
             assert_close(kernels.conv_inner_rows(packed, x), conv(x)[:, :, 1:-1], rel=1e-5, what=f"{conv} {shape}")
-        assert calls == ([{"pad_rows": 0}] if winograd else [])
+        assert calls == ([0] if winograd else [])
 
 
 @pytest.mark.parametrize("component,winograd", [("unet", False), ("vae", False), ("text", False), ("unet", True),
@@ -224,6 +225,25 @@ def test_drop_pages_only_touches_file_mappings(tmp_path):
     expected = anonymous.clone()
     drop_pages(anonymous)  # anonymous memory would read back as zeros if it were dropped
     assert torch.equal(anonymous, expected)
+
+
+def test_winograd_layers_hold_no_packed_copy_and_drop_released_pages(monkeypatch):
+    """A layer that runs by Winograd frees a packed copy made for an earlier (smaller) input,
+    works outside no_grad like the packed path, and with release=True drops its weight's pages
+    after each call."""
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_PIXELS", 16 * 16)
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 8)
+    dropped = []
+    monkeypatch.setattr(kernels, "drop_pages", lambda t: dropped.append(t))
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    packed = kernels.cpu_speed_up(nn.Sequential(copy.deepcopy(conv)), release=True)[0]
+    small, large = torch.randn(1, 8, 8, 8), torch.randn(1, 8, 16, 16)
+    with torch.inference_mode():
+        packed(small)
+    assert packed.packed.entry is not None and len(dropped) == 1  # packed, then its pages dropped
+    y = packed(large)  # grad mode on, as a user's own call may be
+    assert packed.packed.entry is None and len(dropped) == 2 and dropped[-1] is packed.weight
+    assert_close(y, conv(large).detach(), rel=1e-5, what="winograd layer in grad mode")
 
 
 def test_release_keeps_mapped_weights_readable(tiny):

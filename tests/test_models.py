@@ -96,6 +96,31 @@ def test_full_unet(full):
 
 
 @pytest.mark.full
+def test_full_models_through_exact_cpu_kernels_and_winograd(full, monkeypatch):
+    """Exact mode's CPU path (packed oneDNN layers, transposed-conv upsampling, Winograd 3x3
+    convolutions: here from 2048 pixels, so that the 32x32 latents of this test use it as
+    64x64 ones do in a 512x512 image) against diffusers on the full SD v1.5 architecture."""
+    from sdlite import kernels
+
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_PIXELS", 2 * 32 * 32)
+    shapes = []
+    real = kernels.winograd_conv3x3
+    monkeypatch.setattr(kernels, "winograd_conv3x3", lambda x, *a, **k: shapes.append(x.shape[1:]) or real(x, *a, **k))
+    ours = kernels.cpu_speed_up(open_checkpoint(full.folder).load("unet"))
+    check_unet(full.pipe.unet, ours, (32, 32), "full, exact CPU kernels", batch=2)
+    assert (320, 32, 32) in shapes and (960, 32, 32) in shapes
+    vae = kernels.cpu_speed_up(open_checkpoint(full.folder).load("vae"))
+    g = torch.Generator().manual_seed(3)
+    z, image = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    shapes.clear()
+    with torch.inference_mode():
+        assert_close(vae.decode(z), full.pipe.vae.decode(z).sample, what="full vae decode, exact CPU kernels")
+        assert_close(vae.encode(image)[0], full.pipe.vae.encode(image).latent_dist.mean,
+                     what="full vae encode mean, exact CPU kernels")
+    assert (512, 32, 32) in shapes and (128, 64, 64) in shapes
+
+
+@pytest.mark.full
 def test_full_inpainting_unet(full_inpaint_unet):
     cfg = with_in_channels(SD_V1, 9).unet
     state, unknown = unet_from_diffusers(full_inpaint_unet.state_dict(), cfg)

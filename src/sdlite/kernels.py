@@ -181,6 +181,7 @@ WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_BAND_BYTES = 8 << 20
 
 
+@torch.no_grad()
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      pad_rows: int = 1) -> torch.Tensor:
     """conv2d(x, weight, bias, padding=(pad_rows, 1)) for a 3x3 float32 weight on a CPU input
@@ -196,6 +197,8 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     n, c, h_in, w = x.shape
     k = weight.shape[0]
     h = h_in + 2 * pad_rows - 2  # output rows
+    if h < 0:
+        raise ValueError(f"a 3x3 convolution without row padding needs 2 rows or more, got {h_in}")
     rows, cols = -(-h // 4), -(-w // 4)  # tiles; ragged edges are computed on zeros and cut off
     u = torch.mm(kg, weight.reshape(k * c, 9).t()).view(36, k, c).transpose(1, 2)
     band = max(1, min(rows, WINOGRAD_BAND_BYTES // (36 * 4 * max(c, k) * cols)))
@@ -227,8 +230,19 @@ def conv_inner_rows(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     (streaming.py). A packed 3x3 convolution that runs by Winograd computes only those rows."""
     if isinstance(conv, PackedConv2d) and x.dtype == torch.float32 and x.device.type == "cpu" \
             and _winograd_pays(conv, x, rows=x.shape[-2] - 2):
-        return winograd_conv3x3(x, _float32(conv.weight), _bias32(conv.bias), pad_rows=0)
+        return _winograd(conv, x, pad_rows=0)
     return conv(x)[:, :, 1:-1]
+
+
+def _winograd(conv: "PackedConv2d", x: torch.Tensor, pad_rows: int = 1) -> torch.Tensor:
+    """A packed layer's call by Winograd. Its weight is read as stored on every call (no packed
+    copy: one made for another input shape is freed), and a file-mapped weight (`release`) has
+    its pages dropped again afterwards, so only the layer running holds them."""
+    conv.packed.entry = None
+    y = winograd_conv3x3(x, _float32(conv.weight), _bias32(conv.bias), pad_rows=pad_rows)
+    if conv.packed.release:
+        drop_pages(conv.weight)
+    return y
 
 
 def _winograd_pays(conv: nn.Conv2d, x: torch.Tensor, rows: int | None = None) -> bool:
@@ -236,6 +250,7 @@ def _winograd_pays(conv: nn.Conv2d, x: torch.Tensor, rows: int | None = None) ->
     n, c, h, w = x.shape if x.dim() == 4 else (0, 0, 0, 0)
     h = h if rows is None else rows
     return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.padding_mode == "zeros"
             and conv.dilation == (1, 1) and conv.groups == 1
             and n * h * w >= WINOGRAD_MIN_PIXELS and min(c, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)
 
@@ -250,7 +265,7 @@ class PackedConv2d(nn.Conv2d):
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return super().forward(x)
         if _winograd_pays(self, x):
-            return winograd_conv3x3(x, _float32(self.weight), _bias32(self.bias))
+            return _winograd(self, x)
         w = self.packed.get(self.weight, x.shape, lambda: _pack_conv(self.weight, self.padding, self.stride,
                                                                     self.dilation, self.groups, x.shape))
         return _packed_conv(x, w, _bias32(self.bias), self.padding, self.stride, self.dilation, self.groups)
@@ -258,7 +273,8 @@ class PackedConv2d(nn.Conv2d):
 
 class PackedCastConv2d(PackedConv2d, CastConv2d):
     """A precision.CastConv2d (fp16/bf16-stored weight, float32 compute) packed from its float32
-    conversion; other input dtypes fall back to the cast-on-the-fly forward."""
+    conversion (or, by Winograd, converted per call); other input dtypes fall back to the
+    cast-on-the-fly forward."""
 
 
 class PackedLinear(nn.Linear):
@@ -368,7 +384,7 @@ def cpu_speed_up(model: nn.Module, release: bool = False, stored: bool = False) 
     cast-on-the-fly layers (precision.Cast*, fp16/bf16-stored weights computed in float32)
     unless `stored=True`: then they are packed from their float32 conversion, which holds the
     weights in float32 (twice their stored size) for a faster call (the pipeline does so for the
-    VAE, whose packed decoder is 198 MB).
+    VAE). Convolutions that run by Winograd hold no float32 copy: they convert per call.
     `release=True`: the weights are memory-mapped from the checkpoint file, so the pages of
     weights that were re-packed are dropped from memory (no second copy stays resident).
     """

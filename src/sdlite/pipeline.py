@@ -119,7 +119,8 @@ class StableDiffusion:
     - `dtype`: the compute dtype; float32 on CPU and float16 on GPUs by default. On the CPU,
       weights stored in fp16/bf16 stay in their stored dtype and each layer computes in `dtype`
       (no full-precision copy of the UNet or text encoder; the VAE, run once per image, is packed
-      from its float32 form for oneDNN: 198 MB for SD's decoder).
+      from its float32 form for oneDNN, up to 198 MB for SD's decoder, except for the 3x3
+      convolutions that run by Winograd on large maps, which convert per call).
     - `memory`: "normal" keeps the three models loaded for repeated generation; on CUDA the
       UNet stays on the GPU while the text encoder and VAE wait in pinned host memory between
       their stages, and of the VAE only the half that runs goes to the GPU (parking.py: 0.39
@@ -217,7 +218,8 @@ class StableDiffusion:
             from .kernels import cpu_speed_up
 
             # The VAE runs once per image, so low mode packs it too, also from fp16/bf16-stored
-            # weights (their float32 form: 198 MB for SD's decoder; 512x512 decode 12.7 -> ~8 s).
+            # weights (their float32 form, up to 198 MB for SD's decoder; 512x512 decode
+            # 12.7 -> ~8 s; Winograd layers convert per call instead: ~5.5 s).
             cpu_speed_up(model, release=release, stored=component == "vae")
         if component == "unet" and self._fast_cpu:
             from .fastcpu import fast_int8
