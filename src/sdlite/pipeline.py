@@ -605,7 +605,9 @@ def _malloc_for_low_memory(stage: str | None = None) -> None:
     if libc is None:
         return
     if stage in ("unet", "vae"):
-        libc.mallopt(_M_MMAP_THRESHOLD, LOW_MMAP_THRESHOLD if stage == "unet" else LOW_VAE_MMAP_THRESHOLD)
+        # some glibc builds refuse thresholds above 32 MiB (HEAP_MAX_SIZE / 2): then 32 MiB it is
+        if not libc.mallopt(_M_MMAP_THRESHOLD, LOW_MMAP_THRESHOLD if stage == "unet" else LOW_VAE_MMAP_THRESHOLD):
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
     else:
         libc.mallopt(_M_MMAP_THRESHOLD, LOW_OTHER_STAGES_THRESHOLD)
