@@ -174,9 +174,10 @@ def _winograd_matrices() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 WINOGRAD_POINTS = (0.0, 1.0, -1.0, 2.0, -0.5)
 # Winograd is used when batch x height x width reaches this (the filter transform, made per
 # call, costs 4x the weight's bytes: at 32x32 and 640 channels that ate the gain) and both
-# channel counts reach WINOGRAD_MIN_CHANNELS; measured on a 2-core AVX-512 Xeon.
+# channel counts reach WINOGRAD_MIN_CHANNELS (the narrowest measured, 128 channels at 512x512,
+# still gained 1.3x); measured on a 2-core AVX-512 Xeon (benchmarks/winograd.py).
 WINOGRAD_MIN_PIXELS = 64 * 64
-WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_CHANNELS = 128
 # Bytes of transformed input per band of tile rows: the band's intermediates stay in cache.
 WINOGRAD_BAND_BYTES = 8 << 20
 
