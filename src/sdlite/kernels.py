@@ -16,15 +16,15 @@ Swapped in from outside the model files (`cpu_speed_up(model)`), for float32 mod
   a 512x512 decode's FLOPs), and the 4x upsampled input is never built.
 - **3x3 convolutions by Winograd's F(4x4, 3x3)** (`winograd_conv3x3`), on large enough feature
   maps: each 6x6 input tile and each filter are transformed so that the 4x4 output tile costs 36
-  multiplies per channel pair instead of 144 (4x fewer; about 2x faster here after the
-  transforms). It is a different way of rounding the same sum, not an approximation: about 4e-6
+  multiplies per channel pair instead of 144 (4x fewer; 1.3-1.8x faster per layer here after
+  the transforms, `benchmarks/winograd.py`). It is a different way of rounding the same sum, not an approximation: about 4e-6
   of the output's largest value here vs 2e-6 for oneDNN's direct convolution (both against
   float64), with interpolation points 0, 1, -1, 2, -1/2 (the standard 0, +-1, +-2 double that).
 - **GEGLU as two linears**, the gate's with GELU fused on its output (`SplitGEGLU`).
 
 Results equal the eager model's within float32 rounding (different summation order; about
-1e-6 relative, a few 1e-6 with Winograd), which the parity tests check. The original weights stay the module parameters
-(state dicts are unchanged), and every derived form (packed weights, taps) is made on first use
+1e-6 relative, a few 1e-6 with Winograd), which the parity tests check. The original weights
+stay the module parameters (state dicts are unchanged), and every derived form (packed weights, taps) is made on first use
 and made again if its weight is replaced or changed in place (e.g. by `load_state_dict`).
 `release=True` says the weights are file-mapped, so their pages can be dropped once packed
 (they would be read again from the file if ever touched).
@@ -229,8 +229,7 @@ def conv_inner_rows(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """conv(x) without its first and last output rows (the rows its zero padding touches): what
     a row band of a larger map needs when x already holds the rows above and below it
     (streaming.py). A packed 3x3 convolution that runs by Winograd computes only those rows."""
-    if isinstance(conv, PackedConv2d) and x.dtype == torch.float32 and x.device.type == "cpu" \
-            and _winograd_pays(conv, x, rows=x.shape[-2] - 2):
+    if isinstance(conv, PackedConv2d) and _winograd_pays(conv, x, rows=x.shape[-2] - 2):
         return _winograd(conv, x, pad_rows=0)
     return conv(x)[:, :, 1:-1]
 
@@ -247,10 +246,11 @@ def _winograd(conv: "PackedConv2d", x: torch.Tensor, pad_rows: int = 1) -> torch
 
 
 def _winograd_pays(conv: nn.Conv2d, x: torch.Tensor, rows: int | None = None) -> bool:
-    """Whether `conv` on x (giving `rows` output rows, default x's height) runs by Winograd."""
+    """Whether `conv` on x (giving `rows` output rows, default x's height) runs by Winograd:
+    float32 on the CPU, the layer's shape, and the map's size."""
     n, c, h, w = x.shape if x.dim() == 4 else (0, 0, 0, 0)
     h = h if rows is None else rows
-    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.padding_mode == "zeros"
             and conv.dilation == (1, 1) and conv.groups == 1
             and n * h * w >= WINOGRAD_MIN_PIXELS and min(c, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)
