@@ -8,7 +8,9 @@ Each configuration runs in a fresh child process on the same random-weight check
   img2img configs, denoise, decode), the peak RSS sampled every 5 ms by a thread while that
   stage runs;
 - CUDA: torch.cuda.max_memory_allocated overall and per stage (peak stats reset at each stage);
-- seconds per denoising step (median of the steps after the first) and total seconds.
+- seconds per denoising step (median of the steps after the first, last image), each image's
+  seconds (the whole generation call; --images N makes N one after the other in the child, after
+  the pipeline's construction) and total seconds.
 Output: JSON (--json) and a markdown table on stdout.
 """
 
@@ -54,6 +56,7 @@ CONFIGS = {
     "sdlite-cuda-low-int8": ("sdlite", dict(file="int8", size=512, memory="low")),  # CFG as one batch-2 call
     "sdlite-cuda-low-int8-split": ("sdlite", dict(file="int8", size=512, memory="low", cfg_batch=False)),
     "sdlite-cuda-low-int8-cl": ("sdlite", dict(file="int8", size=512, memory="low", channels_last=True)),
+    "sdlite-cuda-low-int8-nographs": ("sdlite", dict(file="int8", size=512, memory="low", cuda_graphs=False)),
     "sdlite-cuda-fp16-1024": ("sdlite", dict(file="fp16", size=1024)),
     "diffusers-cuda-fp16": ("diffusers", dict(file="fp16", size=512)),
     "diffusers-cuda-fp16-offload": ("diffusers", dict(file="fp16", size=512, offload="model")),
@@ -142,7 +145,7 @@ def run_sdlite(opts: dict, device: str, steps: int, meter: StageMeter, workdir: 
     from sdlite.pipeline import StableDiffusion
 
     kwargs = {k: opts[k] for k in ("memory", "attention", "vae_tiling", "quantize", "fast", "cfg_batch",
-                                        "channels_last") if k in opts}
+                                        "channels_last", "cuda_graphs") if k in opts}
     sd = StableDiffusion(_files(workdir)[opts["file"]], device=device, **kwargs)
     meter.wrap(sd, "encode_prompt", "text")
     meter.wrap(sd, "denoise", "denoise")
@@ -154,11 +157,10 @@ def run_sdlite(opts: dict, device: str, steps: int, meter: StageMeter, workdir: 
 
         meter.wrap(sd, "encode_image", "encode")
         pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-        sd.img2img(PROMPT, Image.fromarray(pixels), strength=0.75, steps=steps, sampler="ddim", seed=1,
-                   callback=meter.step)
-    else:
-        sd.txt2img(PROMPT, width=size, height=size, steps=steps, sampler="ddim", seed=1, callback=meter.step)
-    del sd, torch
+        return lambda: sd.img2img(PROMPT, Image.fromarray(pixels), strength=0.75, steps=steps, sampler="ddim",
+                                  seed=1, callback=meter.step)
+    return lambda: sd.txt2img(PROMPT, width=size, height=size, steps=steps, sampler="ddim", seed=1,
+                              callback=meter.step)
 
 
 def run_diffusers(opts: dict, device: str, steps: int, meter: StageMeter, workdir: Path):
@@ -185,23 +187,37 @@ def run_diffusers(opts: dict, device: str, steps: int, meter: StageMeter, workdi
     meter.wrap(pipe.unet, "forward", "denoise")
     meter.wrap(pipe.vae, "decode", "decode")
     size = opts["size"]
-    pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
-         generator=torch.Generator().manual_seed(1),
-         callback_on_step_end=lambda p, i, t, kw: (meter.step(), kw)[1])
+    return lambda: pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
+                        generator=torch.Generator().manual_seed(1),
+                        callback_on_step_end=lambda p, i, t, kw: (meter.step(), kw)[1])
 
 
-def child(name: str, device: str, steps: int, workdir: Path) -> dict:
+def child(name: str, device: str, steps: int, workdir: Path, images: int = 1) -> dict:
+    """Load (the pipeline's construction), then make `images` images one after the other. Each
+    image's seconds are the whole generation call (in low mode sdlite loads each model inside
+    it; diffusers' offload moves its models to the GPU and back inside it)."""
     impl, opts = CONFIGS[name]
     meter = StageMeter(device)
     t0 = time.perf_counter()
-    (run_sdlite if impl == "sdlite" else run_diffusers)(opts, device, steps, meter, workdir)
+    generate = (run_sdlite if impl == "sdlite" else run_diffusers)(opts, device, steps, meter, workdir)
+    load = time.perf_counter() - t0
+    image_seconds = []
+    for _ in range(images):
+        meter.step_times.clear()
+        start = time.perf_counter()
+        generate()
+        if device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        image_seconds.append(time.perf_counter() - start)
     total = time.perf_counter() - t0
-    times = meter.step_times
+    times = meter.step_times  # the last image's
     per_step = statistics.median(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else None
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
     out = {"name": name, "impl": impl, **opts, "device": device, "steps": steps, "seconds_total": total,
-           "seconds_per_step": per_step, "stage_peaks": meter.peaks, "stage_bases": meter.bases,
+           "seconds_load": load, "image_seconds": image_seconds, "seconds_per_step": per_step, "stage_peaks": meter.peaks, "stage_bases": meter.bases,
            "stage_seconds": meter.seconds}
     if device == "cuda":
         import torch
@@ -228,18 +244,20 @@ def prepare(workdir: Path, need: set[str]) -> None:
 def markdown(rows: list[dict]) -> str:
     encode = any("encode" in r.get("stage_peaks", {}) for r in rows)
     lines = ["| config | device | size | peak (GiB) | text |" + (" encode |" if encode else "")
-             + " denoise | decode | s/step | decode s |",
-             "|---|---|---|---|---|" + ("---|" if encode else "") + "---|---|---|---|"]
+             + " denoise | decode | s/step | decode s | image s |",
+             "|---|---|---|---|---|" + ("---|" if encode else "") + "---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | | | error: {r['error'][:60]} | | | | | |" + (" |" if encode else ""))
+            lines.append(f"| {r['name']} | | | error: {r['error'][:60]} | | | | | | |" + (" |" if encode else ""))
             continue
         sp = r["stage_peaks"]
         cell = lambda k: f"{sp[k] / GiB:.2f}" if k in sp else "-"  # noqa: E731
         s = f"{r['seconds_per_step']:.2f}" if r["seconds_per_step"] else "-"
         lines.append(f"| {r['name']} | {r['device']} | {r['size']} | {r['peak'] / GiB:.2f} | {cell('text')} | "
                      + (f"{cell('encode')} | " if encode else "") + f"{cell('denoise')} | {cell('decode')} | {s} | "
-                     + (f"{r['stage_seconds']['decode']:.2f} |" if "decode" in r.get("stage_seconds", {}) else "- |"))
+                     + (f"{r['stage_seconds']['decode']:.2f} |" if "decode" in r.get("stage_seconds", {}) else "- |")
+                     + (" " + "/".join(f"{t:.2f}" for t in r["image_seconds"]) + " |" if r.get("image_seconds")
+                        else " - |"))
     return "\n".join(lines)
 
 
@@ -249,12 +267,14 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", help="comma-separated names from: " + ", ".join(CONFIGS))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--workdir", default=str(ROOT / ".cache" / "bench"))
+    ap.add_argument("--images", type=int, default=1, help="images made one after the other per child "
+                    "(peaks cover all; s/step is the last image's)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     workdir = Path(args.workdir)
     if args.child:
-        print(json.dumps(child(args.child, args.device, args.steps, workdir)))
+        print(json.dumps(child(args.child, args.device, args.steps, workdir, args.images)))
         return 0
     names = args.configs.split(",") if args.configs else (CUDA_DEFAULT if args.device == "cuda" else CPU_DEFAULT)
     prepare(workdir, {CONFIGS[n][1]["file"] for n in names})
@@ -263,7 +283,7 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--steps", str(args.steps),
-               "--workdir", str(workdir)]
+               "--images", str(args.images), "--workdir", str(workdir)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             rows.append({"name": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"})
