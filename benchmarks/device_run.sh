@@ -8,7 +8,9 @@
 # speed-exact and fast1024 are shorter subsets for a second call; low = low + int8 with the CFG
 # halves batched (the new default on CUDA), split, and with an NHWC UNet, next to diffusers'
 # model offload, two images each (image seconds); sdpa = one UNet call per SDPA kernel
-# (sdpa_backends.py); exact2 = exact mode vs diffusers eager at 512 and 1024 in one process.
+# (sdpa_backends.py); exact2 = exact mode vs diffusers eager at 512 and 1024 in one process;
+# e1024 = the same at 1024 only; mem1024 = sdlite fp16 at 1024, default (VAE tiles) and
+# memory="high" (plain VAE decode).
 set -uo pipefail
 start=$SECONDS
 deadline=${DEADLINE:-570}
@@ -19,7 +21,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 for part in ${*:-memory checks speedboth}; do
   left=$((deadline - (SECONDS - start) - 5))
-  case $part in checks) cap=170 ;; memory) cap=200 ;; speed) cap=270 ;; sdpa) cap=200 ;; low) cap=240 ;; exact2) cap=150 ;; *) cap=420 ;; esac
+  case $part in checks) cap=170 ;; memory) cap=200 ;; speed) cap=270 ;; sdpa) cap=200 ;; low) cap=240 ;; exact2) cap=150 ;; mem1024|e1024) cap=120 ;; *) cap=420 ;; esac
   t=$((left < cap ? left : cap))
   if [ "$t" -lt 30 ]; then echo "== $part skipped: ${left}s left"; continue; fi
   echo "== $part (limit ${t}s, $((SECONDS - start))s in)"
@@ -35,6 +37,10 @@ for part in ${*:-memory checks speedboth}; do
     low) timeout $t python3 benchmarks/memory.py --device cuda --steps 10 --images 2 \
              --configs sdlite-cuda-low-int8,sdlite-cuda-low-int8-nographs,sdlite-cuda-low-int8-cl,diffusers-cuda-fp16-offload \
              --json "$OUT/memory-cuda-low.json" ;;
+    mem1024) timeout $t python3 benchmarks/memory.py --device cuda --steps 10 \
+             --configs sdlite-cuda-fp16-1024,sdlite-cuda-fp16-1024-high --json "$OUT/memory-cuda-1024.json" ;;
+    e1024) timeout $t python3 benchmarks/speed.py --device cuda --size 1024 --steps 50 --reps 2 --no-cold \
+             --variants sdlite,diffusers --json "$OUT/speed-cuda-exact-1024.json" ;;
     exact2) timeout $t python3 benchmarks/speed.py --device cuda --size 512,1024 --steps 50 --reps 2 --no-cold \
              --variants sdlite,diffusers --json "$OUT/speed-cuda-exact2.json" ;;
     sdpa) timeout $t python3 benchmarks/sdpa_backends.py --sizes 512,1024 --json "$OUT/sdpa-backends.json" ;;

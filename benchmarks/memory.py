@@ -58,6 +58,7 @@ CONFIGS = {
     "sdlite-cuda-low-int8-cl": ("sdlite", dict(file="int8", size=512, memory="low", channels_last=True)),
     "sdlite-cuda-low-int8-nographs": ("sdlite", dict(file="int8", size=512, memory="low", cuda_graphs=False)),
     "sdlite-cuda-fp16-1024": ("sdlite", dict(file="fp16", size=1024)),
+    "sdlite-cuda-fp16-1024-high": ("sdlite", dict(file="fp16", size=1024, memory="high")),  # plain VAE decode
     "diffusers-cuda-fp16": ("diffusers", dict(file="fp16", size=512)),
     "diffusers-cuda-fp16-offload": ("diffusers", dict(file="fp16", size=512, offload="model")),
     "diffusers-cuda-fp16-seq-offload": ("diffusers", dict(file="fp16", size=512, offload="sequential")),

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sdlite import tiling
 from sdlite.checkpoint import export_checkpoint, open_checkpoint
 from sdlite.pipeline import StableDiffusion
 from sdlite.precision import CastLinear, weights_dtype
@@ -240,6 +241,29 @@ def test_low_memory_batches_the_guidance_halves_on_a_gpu_up_to_one_512_image(tin
     assert not sd._batches_cfg(torch.empty(2, 4, 64, 64))
     sd.cfg_batch = False
     assert not sd._batches_cfg(torch.empty(1, 4, 64, 64))
+
+
+def test_plain_vae_passes_only_on_cuda_in_high_memory_or_fast_mode(tiny):
+    """Speed before memory: memory="high" and fast mode on CUDA ask the VAE front doors for the
+    one-call pass (tiling.plain_fits decides per image); the CPU and normal/low modes never."""
+    sd = StableDiffusion(tiny.folder, memory="low")
+    assert not sd._plain_vae
+    sd.device = torch.device("cuda")  # only the rule is asked here, nothing runs
+    for memory, fast, plain in (("low", False, False), ("normal", False, False), ("high", False, True),
+                                ("normal", True, True), ("low", True, True)):
+        sd.memory, sd.fast = memory, fast
+        assert sd._plain_vae is plain, (memory, fast)
+
+
+def test_decode_passes_the_plain_rule_to_the_vae_front_door(tiny, monkeypatch):
+    seen = []
+    real = tiling.decode
+    monkeypatch.setattr(tiling, "decode", lambda *a, plain=False, **k: (seen.append(plain), real(*a, **k))[1])
+    sd = StableDiffusion(tiny.folder, memory="high")
+    sd.txt2img(PROMPT, width=32, height=32, steps=1, seed=1, sampler="ddim")
+    monkeypatch.setattr(StableDiffusion, "_plain_vae", property(lambda self: True))
+    sd.txt2img(PROMPT, width=32, height=32, steps=1, seed=1, sampler="ddim")
+    assert seen == [False, True]
 
 
 def test_unknown_memory_mode_is_an_error(tiny):

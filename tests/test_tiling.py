@@ -179,6 +179,73 @@ def test_auto_tiles_above_the_threshold_only(vae, monkeypatch):
             assert calls.shapes == [shape]
 
 
+@pytest.fixture
+def cuda_memory(monkeypatch):
+    """torch.cuda's memory queries answering from a dict (free, reserved, allocated bytes)."""
+    state = dict(free=0, reserved=0, allocated=0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"], 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: state["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    return state
+
+
+def test_plain_fits_counts_free_device_memory(cuda_memory):
+    """A plain pass fits when the driver's free bytes plus PyTorch's unused cache cover
+    PLAIN_VALUES_PER_LATENT_PIXEL values per latent pixel in the compute dtype; never off CUDA."""
+    cuda, pixels = torch.device("cuda"), 128 * 128  # a 1024x1024 SD image
+    need = tiling.PLAIN_VALUES_PER_LATENT_PIXEL * pixels * 2  # float16
+    for free, reserved, allocated, fits in ((60 * 2**30, 0, 0, True), (need, 0, 0, True), (need - 1, 0, 0, False),
+                                            (need // 2, 3 * 2**30, 3 * 2**30 - need // 2, True),
+                                            (need // 2, 3 * 2**30, 3 * 2**30, False)):
+        cuda_memory.update(free=free, reserved=reserved, allocated=allocated)
+        assert tiling.plain_fits(cuda, torch.float16, pixels) is fits, (free, reserved, allocated)
+    cuda_memory.update(free=need, reserved=0, allocated=0)
+    assert not tiling.plain_fits(cuda, torch.float32, pixels)  # 4-byte values: twice the bytes
+    assert tiling.plain_fits(cuda, torch.float32, pixels // 2)
+    assert not tiling.plain_fits(torch.device("cpu"), torch.float16, 8 * 8)
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_plain_runs_one_call_at_any_size_where_it_fits(vae, monkeypatch, fits):
+    """`plain=True`: an image above the tiling threshold runs as one plain VAE call where it fits
+    (the same call as tiling="off"), else is tiled; below the threshold it is plain or streamed."""
+    monkeypatch.setattr(tiling, "plain_fits", lambda device, dtype, pixels: fits)
+    monkeypatch.setattr(tiling, "AUTO_MAX_LATENT_PIXELS", 16 * 16)
+    z, x = latents((2, 4, 24, 20), seed=8), image((1, 3, 48, 40), seed=9)
+    with torch.no_grad():
+        expect = torch.cat([vae.decode(z[i : i + 1]) for i in range(2)])
+        expect_mean, _ = vae.encode(x)
+    decodes, encodes = Calls(vae.decode), Calls(vae.encode)
+    monkeypatch.setattr(vae, "decode", decodes)
+    monkeypatch.setattr(vae, "encode", encodes)
+    with torch.no_grad():
+        out = decode(vae, z, tile=16, overlap=4, plain=True)
+        mean, _ = encode(vae, x, tile=32, overlap=8, plain=True)
+    if fits:
+        assert decodes.shapes == [(1, 4, 24, 20)] * 2 and encodes.shapes == [(1, 3, 48, 40)]
+        assert torch.equal(out, expect) and torch.equal(mean, expect_mean)
+    else:
+        assert len(decodes.shapes) == 2 * 4 and all(s[-2:] == (16, 16) for s in decodes.shapes)
+        assert len(encodes.shapes) == 4 and all(s[-2:] == (32, 32) for s in encodes.shapes)
+    monkeypatch.setattr(tiling, "AUTO_MAX_LATENT_PIXELS", 96 * 96)
+    decodes.shapes.clear()
+    with torch.no_grad():
+        small = decode(vae, z[:1], plain=True)  # below the threshold: one call either way (plain or streamed)
+    assert decodes.shapes == [(1, 4, 24, 20)] and torch.equal(small, expect[:1])
+
+
+def test_plain_call_out_of_memory_retries_in_tiles(vae, monkeypatch):
+    monkeypatch.setattr(tiling, "plain_fits", lambda device, dtype, pixels: True)
+    z = latents((1, 4, 24, 20), seed=6)
+    expect = tiled_decode(vae, z, tile=16, overlap=4)
+    calls = Calls(vae.decode, fail_above=16 * 16, error=OOM_ERRORS[0])
+    monkeypatch.setattr(vae, "decode", calls)
+    with pytest.warns(UserWarning, match="ran out of memory.*retrying in tiles"):
+        out = decode(vae, z, tile=16, overlap=4, plain=True)
+    assert calls.shapes[0] == (1, 4, 24, 20) and len(calls.shapes) == 1 + 4
+    assert torch.equal(out, expect)
+
+
 def test_auto_decodes_one_image_at_a_time(vae, monkeypatch):
     z = latents((3, 4, 12, 10), seed=5)
     with torch.no_grad():

@@ -358,7 +358,7 @@ class StableDiffusion:
         with self._stage("vae", "encoder") as vae, torch.inference_mode():
             for i, g in enumerate(job.generators):
                 mean, logvar = tiling.encode(vae, image[i : i + 1].to(self.device, self.dtype), self.vae_tiling,
-                                             stream=stream)
+                                             stream=stream, plain=self._plain_vae)
                 eps = torch.randn(mean.shape, generator=g, dtype=torch.float32).to(self.device, mean.dtype)
                 out.append(mean + torch.exp(0.5 * logvar) * eps)
             del vae  # freed when the stage ends (low mode), before its memory is trimmed
@@ -381,6 +381,12 @@ class StableDiffusion:
                                                   noise_sampler=self._noise_sampler(x, job), **options)
             del unet  # freed when the stage ends (low mode), before its memory is trimmed
         return samplers.to_vp(x, sigmas[-1])
+
+    @property
+    def _plain_vae(self) -> bool:
+        """Speed before memory (memory="high" or fast mode) on CUDA: "auto" VAE passes run in one
+        call, untiled and unstreamed, where they fit in free device memory (tiling.plain_fits)."""
+        return self.device.type == "cuda" and (self.memory == "high" or self.fast)
 
     def _batches_cfg(self, latents: torch.Tensor) -> bool:
         """Whether the two CFG halves run as one UNet call (see `cfg_batch`)."""
@@ -405,10 +411,11 @@ class StableDiffusion:
         if not torch.isfinite(z).all():
             raise SdliteError("the sampler produced NaN/inf latents (try float32, fewer steps or another sampler)")
         with self._stage("vae", "decoder") as vae, torch.inference_mode():
-            image = tiling.decode(vae, z.to(self.device, self.dtype), self.vae_tiling).float()
+            image = tiling.decode(vae, z.to(self.device, self.dtype), self.vae_tiling, plain=self._plain_vae).float()
             if not torch.isfinite(image).all() and self.dtype != torch.float32:
                 warnings.warn("VAE decode gave NaN/inf in reduced precision; retrying in float32", stacklevel=2)
-                image = tiling.decode(compute_in(vae, torch.float32), z.float().to(self.device), self.vae_tiling).float()
+                image = tiling.decode(compute_in(vae, torch.float32), z.float().to(self.device), self.vae_tiling,
+                                      plain=self._plain_vae).float()
             del vae  # freed when the stage ends (low mode), before its memory is trimmed
         if not torch.isfinite(image).all():
             raise SdliteError("the VAE decoder produced NaN/inf (broken VAE weights?)")

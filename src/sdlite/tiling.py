@@ -20,6 +20,10 @@ Front doors `decode` / `encode` take `tiling="auto" | "on" | "off"`:
   out of memory is retried in tiles with a warning. Untiled decodes and encodes of large images
   run their full-resolution levels in bands of rows (`streaming.py`: the same result within
   float rounding, about half the activation memory).
+  With `plain=True` (the pipeline passes it on CUDA in memory="high" and in fast mode: speed
+  before memory) an image whose one-call VAE pass fits in the free device memory (`plain_fits`)
+  runs that pass instead, at any size: one kernel per layer, where the bands and tiles launch
+  many (H200, fp16, 1024x1024: tiles cost ~0.1 s more per image than diffusers' plain decode).
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ ENCODE_TILE, ENCODE_OVERLAP = 512, 128  # image px
 # every usual SD v1 size (up to 768 px) decodes untiled, i.e. exactly. Measured fp32 CPU peaks of
 # the SD decoder: 3.6 GiB untiled at 1024 px (so ~2 GiB at 768 px) vs 1.0 GiB in 64/16 tiles.
 AUTO_MAX_LATENT_PIXELS = 96 * 96
+# The plain SD decode of a 1024x1024 image in float16 held about 2.45 GiB of activations (diffusers'
+# decode on an H100: 4.42 GiB peak on 1.97 GiB of weights; the mid block's attention scores over
+# 16384 pixels are most of it), i.e. about 80k values per latent pixel; `plain_fits` asks for
+# twice that.
+PLAIN_VALUES_PER_LATENT_PIXEL = 2 * 80_000
 
 _OOM_MESSAGES = ("out of memory", "DefaultCPUAllocator: can't allocate memory")
 
@@ -48,8 +57,8 @@ _OOM_MESSAGES = ("out of memory", "DefaultCPUAllocator: can't allocate memory")
 
 
 def decode(vae, z: torch.Tensor, tiling: str = "auto", tile: int | None = None,
-           overlap: int | None = None) -> torch.Tensor:
-    """Unscaled latents (B, C, h, w) -> images (B, 3, h*f, w*f); `tiling` as in the module doc.
+           overlap: int | None = None, plain: bool = False) -> torch.Tensor:
+    """Unscaled latents (B, C, h, w) -> images (B, 3, h*f, w*f); `tiling` and `plain` as in the module doc.
 
     `tile` / `overlap` in latent pixels; None = DECODE_TILE / DECODE_OVERLAP (64 / 16).
     """
@@ -61,14 +70,13 @@ def decode(vae, z: torch.Tensor, tiling: str = "auto", tile: int | None = None,
     if tiling == "on":
         return tiled_decode(vae, z, tile, overlap)
     return torch.cat([_auto(lambda x: streaming.decode(vae, x), lambda x: tiled_decode(vae, x, tile, overlap),
-                            z[i : i + 1],
-                            z.shape[-2] * z.shape[-1], "decode")
+                            z[i : i + 1], z.shape[-2] * z.shape[-1], "decode", vae.decode if plain else None)
                       for i in range(z.shape[0])])
 
 
 def encode(vae, x: torch.Tensor, tiling: str = "auto", tile: int | None = None,
-           overlap: int | None = None, stream: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar) of the posterior; `tiling` as in the module doc.
+           overlap: int | None = None, stream: bool = True, plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar) of the posterior; `tiling` and `plain` as in the module doc.
 
     `tile` / `overlap` in image pixels, multiples of the VAE's downscale; None = ENCODE_TILE /
     ENCODE_OVERLAP (512 / 128). `stream=False`: untiled "auto" encodes run the plain encoder.
@@ -83,14 +91,18 @@ def encode(vae, x: torch.Tensor, tiling: str = "auto", tile: int | None = None,
         return tiled_encode(vae, x, tile, overlap)
     untiled = (lambda im: streaming.encode(vae, im)) if stream else vae.encode
     pairs = [_auto(untiled, lambda im: tiled_encode(vae, im, tile, overlap),
-                   x[i : i + 1], (x.shape[-2] // f) * (x.shape[-1] // f), "encode")
+                   x[i : i + 1], (x.shape[-2] // f) * (x.shape[-1] // f), "encode", vae.encode if plain else None)
              for i in range(x.shape[0])]
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
 
-def _auto(untiled: Callable, tiled: Callable, x: torch.Tensor, latent_pixels: int, what: str):
-    """Tiled above the size threshold; untiled below it, falling back to tiles on out-of-memory."""
-    if latent_pixels > AUTO_MAX_LATENT_PIXELS:
+def _auto(untiled: Callable, tiled: Callable, x: torch.Tensor, latent_pixels: int, what: str,
+          plain: Callable | None = None):
+    """`plain` where given and it fits (`plain_fits`); else tiled above the size threshold and
+    untiled below it; an untiled or plain call that runs out of memory is retried in tiles."""
+    if plain is not None and plain_fits(x.device, x.dtype, latent_pixels):
+        untiled = plain
+    elif latent_pixels > AUTO_MAX_LATENT_PIXELS:
         return tiled(x)
     try:
         return untiled(x)
@@ -103,6 +115,19 @@ def _auto(untiled: Callable, tiled: Callable, x: torch.Tensor, latent_pixels: in
     warnings.warn(f"VAE {what} of a {tuple(x.shape[-2:])} input ran out of memory ({reason}); "
                   "retrying in tiles (seams may differ slightly from an untiled result)", stacklevel=3)
     return tiled(x)
+
+
+def plain_fits(device: torch.device, dtype: torch.dtype, latent_pixels: int) -> bool:
+    """Whether a plain VAE pass of one image of `latent_pixels` fits in what the CUDA `device` has
+    free (the driver's free bytes plus what PyTorch's cache holds unused), counting
+    PLAIN_VALUES_PER_LATENT_PIXEL values per latent pixel; False off CUDA (host memory: running
+    out there is not a catchable error everywhere)."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    need = PLAIN_VALUES_PER_LATENT_PIXEL * latent_pixels * torch.empty((), dtype=dtype).element_size()
+    return need <= free + cached
 
 
 def is_out_of_memory(error: BaseException) -> bool:
