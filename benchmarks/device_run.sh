@@ -10,7 +10,8 @@
 # model offload, two images each (image seconds); sdpa = one UNet call per SDPA kernel
 # (sdpa_backends.py); exact2 = exact mode vs diffusers eager at 512 and 1024 in one process;
 # e1024 = the same at 1024 only; mem1024 = sdlite fp16 at 1024, default (VAE tiles) and
-# memory="high" (plain VAE decode).
+# memory="high" (plain VAE decode); warmup1024 = fast mode compiled whole and by blocks, and
+# diffusers + torch.compile, at 1024, each in its own process with an empty inductor cache.
 set -uo pipefail
 start=$SECONDS
 deadline=${DEADLINE:-570}
@@ -21,7 +22,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 for part in ${*:-memory checks speedboth}; do
   left=$((deadline - (SECONDS - start) - 5))
-  case $part in checks) cap=170 ;; memory) cap=200 ;; speed) cap=270 ;; sdpa) cap=200 ;; low) cap=240 ;; exact2) cap=150 ;; mem1024|e1024) cap=120 ;; *) cap=420 ;; esac
+  case $part in checks) cap=170 ;; memory) cap=200 ;; speed) cap=270 ;; sdpa) cap=200 ;; low) cap=240 ;; exact2) cap=150 ;; mem1024|e1024) cap=120 ;; warmup1024) cap=480 ;; *) cap=420 ;; esac
   t=$((left < cap ? left : cap))
   if [ "$t" -lt 30 ]; then echo "== $part skipped: ${left}s left"; continue; fi
   echo "== $part (limit ${t}s, $((SECONDS - start))s in)"
@@ -48,6 +49,11 @@ for part in ${*:-memory checks speedboth}; do
              --variants sdlite,sdlite-no-graphs,sdlite-channels-last,diffusers --json "$OUT/speed-cuda-exact.json" ;;
     fast1024) timeout $t python3 benchmarks/speed.py --device cuda --size 1024 --steps 50 --reps 2 --no-cold --fast \
              --diffusers-compile --variants sdlite-fast,diffusers-compile --json "$OUT/speed-cuda-fast-1024.json" ;;
+    warmup1024) for v in sdlite-fast-blocks sdlite-fast diffusers-compile; do  # one process and empty caches each
+               left=$((deadline - (SECONDS - start) - 5)); [ "$left" -lt 60 ] && break
+               TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout $((left < 150 ? left : 150)) python3 benchmarks/speed.py \
+                 --device cuda --size 1024 --steps 50 --reps 2 --no-cold --fast --diffusers-compile --variants $v \
+                 --json "$OUT/warmup-1024-$v.json"; done ;;
     compile1024) timeout $t python3 benchmarks/speed.py --device cuda --size 1024 --steps 50 --reps 2 --no-cold \
              --diffusers-compile --variants diffusers-compile --json "$OUT/speed-cuda-compile-1024.json" ;;
     speedboth) timeout $t python3 benchmarks/speed.py --device cuda --size 512,1024 --steps 50 --reps 2 --fast \

@@ -84,10 +84,15 @@ def sd_unet_flops(size: int) -> int:
 
 
 class SdliteRunner:
-    def __init__(self, path, device, dtype, channels_last=False, **options):
-        from sdlite.pipeline import StableDiffusion
+    def __init__(self, path, device, dtype, channels_last=False, compile_scope=None, **options):
+        from sdlite import pipeline
 
-        self.sd = StableDiffusion(path, device=device, dtype=dtype, **options)
+        scope = pipeline.FAST_COMPILE_SCOPE
+        pipeline.FAST_COMPILE_SCOPE = compile_scope or scope  # read while the UNet loads
+        try:
+            self.sd = pipeline.StableDiffusion(path, device=device, dtype=dtype, **options)
+        finally:
+            pipeline.FAST_COMPILE_SCOPE = scope
         self.device = device
         if channels_last:  # an experiment: the UNet's convolution weights in NHWC, eager kernels
             import torch
@@ -207,7 +212,7 @@ def main(argv=None) -> int:
                     help="load every variant at once and time them in round-robin order (needs the memory of all)")
     ap.add_argument("--variants", default=None,
                     help="comma-separated subset of sdlite, sdlite-no-graphs, sdlite-channels-last (CUDA), "
-                         "sdlite-fast, diffusers, diffusers-compile")
+                         "sdlite-fast, sdlite-fast-blocks (CUDA), diffusers, diffusers-compile")
     ap.add_argument("--workdir", default=str(ROOT / ".cache" / "bench"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -227,6 +232,9 @@ def main(argv=None) -> int:
         variants.append(("sdlite-channels-last", lambda: SdliteRunner(path, args.device, dtype, channels_last=True)))
     if args.fast:
         variants.append(("sdlite-fast", lambda: SdliteRunner(path, args.device, dtype, fast=True)))
+        if cuda:  # fast mode compiling block by block (pipeline.FAST_COMPILE_SCOPE), to weigh its warm-up
+            variants.append(("sdlite-fast-blocks", lambda: SdliteRunner(path, args.device, dtype, fast=True,
+                                                                        compile_scope="blocks")))
     variants.append(("diffusers", lambda: DiffusersRunner(path, args.device, dtype, config)))
     if args.diffusers_compile:
         variants.append(("diffusers-compile", lambda: DiffusersRunner(path, args.device, dtype, config, compile=True)))

@@ -68,3 +68,44 @@ def test_channels_last_unet_computes_the_same(tiny):
     c = torch.randn(2, 77, sd.config.unet.context_dim, generator=g)
     with torch.inference_mode():
         assert_close(nhwc(x, t, c), ref(x, t, c), rel=1e-5, what="NHWC vs NCHW UNet")
+
+
+def test_fast_mode_compile_scopes_compute_the_same():
+    """Fast mode's torch.compile, whole UNet or block by block (`compile_unet`; on CUDA under the
+    CUDA graph, here on the CPU with inductor's C++ backend): the same result as eager, and by
+    blocks, blocks of equal shapes share one compiled graph."""
+    import pytest
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from conftest import assert_close
+    from sdlite.errors import InputError
+    from sdlite.pipeline import compile_unet
+    from sdlite.unet import ResBlock, SpatialTransformer
+
+    with torch.device("meta"):
+        meta = build_model("unet", TINY)
+    ref = randomize_(meta, 5).eval()
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 500.0])
+    c = torch.randn(2, 77, TINY.unet.context_dim, generator=g)
+    with torch.inference_mode():
+        expect = ref(x, t, c)
+    blocks = [m for m in ref.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+    for scope in ("unet", "blocks"):
+        torch._dynamo.reset()
+        counters.clear()
+        unet = compile_unet(copy.deepcopy(ref), scope)
+        with torch.inference_mode():
+            out = unet(x, t, c)
+        assert_close(out, expect, rel=1e-5, what=f"compiled ({scope}) vs eager UNet")
+        graphs = counters["stats"]["unique_graphs"]
+        if scope == "unet":
+            assert graphs == 1
+        else:
+            assert 1 < graphs < len(blocks), (graphs, len(blocks))  # shared graphs for equal shapes
+            assert all(getattr(m, "_compiled_call_impl", None) is not None for m in unet.modules()
+                       if isinstance(m, (ResBlock, SpatialTransformer)))
+    torch._dynamo.reset()
+    with pytest.raises(InputError, match="compile scope must be one of unet, blocks"):
+        compile_unet(ref, "layers")
