@@ -8,7 +8,8 @@ Each configuration runs in a fresh child process on the same random-weight check
   img2img configs, denoise, decode), the peak RSS sampled every 5 ms by a thread while that
   stage runs;
 - CUDA: torch.cuda.max_memory_allocated overall and per stage (peak stats reset at each stage);
-- seconds per denoising step (median of the steps after the first, last image), each image's
+- seconds per denoising step (median of the steps after the first) and per stage, both of the
+  last image; each image's
   seconds (the whole generation call; --images N makes N one after the other in the child, after
   the pipeline's construction) and total seconds.
 Output: JSON (--json) and a markdown table on stdout.
@@ -205,6 +206,7 @@ def child(name: str, device: str, steps: int, workdir: Path, images: int = 1) ->
     image_seconds = []
     for _ in range(images):
         meter.step_times.clear()
+        meter.seconds.clear()  # stage seconds, like s/step, are the last image's
         start = time.perf_counter()
         generate()
         if device == "cuda":

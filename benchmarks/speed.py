@@ -85,6 +85,8 @@ def sd_unet_flops(size: int) -> int:
 
 class SdliteRunner:
     def __init__(self, path, device, dtype, channels_last=False, compile_scope=None, **options):
+        """`compile_scope`: pipeline.FAST_COMPILE_SCOPE while the pipeline is built (it compiles the
+        UNet as it loads it, so not with memory="low", which loads it later)."""
         from sdlite import pipeline
 
         scope = pipeline.FAST_COMPILE_SCOPE
@@ -232,7 +234,9 @@ def main(argv=None) -> int:
         variants.append(("sdlite-channels-last", lambda: SdliteRunner(path, args.device, dtype, channels_last=True)))
     if args.fast:
         variants.append(("sdlite-fast", lambda: SdliteRunner(path, args.device, dtype, fast=True)))
-        if cuda:  # fast mode compiling block by block (pipeline.FAST_COMPILE_SCOPE), to weigh its warm-up
+        if cuda and args.variants and "sdlite-fast-blocks" in args.variants.split(","):
+            # fast mode compiling block by block (pipeline.FAST_COMPILE_SCOPE); only when named, as one
+            # more compile would crowd the other rows out of a device call's time
             variants.append(("sdlite-fast-blocks", lambda: SdliteRunner(path, args.device, dtype, fast=True,
                                                                         compile_scope="blocks")))
     variants.append(("diffusers", lambda: DiffusersRunner(path, args.device, dtype, config)))

@@ -78,9 +78,8 @@ def test_fast_mode_compile_scopes_compute_the_same():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from conftest import assert_close
     from sdlite.errors import InputError
-    from sdlite.pipeline import compile_unet
+    from sdlite.pipeline import BLOCK_RECOMPILE_LIMIT, compile_unet
     from sdlite.unet import ResBlock, SpatialTransformer
 
     with torch.device("meta"):
@@ -89,9 +88,36 @@ def test_fast_mode_compile_scopes_compute_the_same():
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 500.0])
     c = torch.randn(2, 77, TINY.unet.context_dim, generator=g)
+    blocks = [m for m in ref.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+    shapes = set()  # what dynamo specializes a block's graph on: its class, input and weight shapes
+    hooks = [m.register_forward_pre_hook(lambda m, a: shapes.add(
+        (type(m), tuple(tuple(v.shape) for v in a), tuple(tuple(p.shape) for p in m.parameters()))))
+        for m in blocks]
     with torch.inference_mode():
         expect = ref(x, t, c)
-    blocks = [m for m in ref.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+    for h in hooks:
+        h.remove()
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    limit = getattr(config, name)
+    setattr(config, name, 4)  # below the number of distinct block shapes here, as 8 is below SD's 18
+    try:
+        _compare_scopes(ref, len(blocks), len(shapes), expect, x, t, c, counters)
+        assert getattr(config, name) == BLOCK_RECOMPILE_LIMIT  # raised for "blocks"
+    finally:
+        setattr(config, name, limit)
+        torch._dynamo.reset()
+    with pytest.raises(InputError, match="compile scope must be one of unet, blocks"):
+        compile_unet(ref, "layers")
+
+
+def _compare_scopes(ref, blocks, shapes, expect, x, t, c, counters):
+    import torch._dynamo
+
+    from conftest import assert_close
+    from sdlite.pipeline import compile_unet
+    from sdlite.unet import ResBlock, SpatialTransformer
+
     for scope in ("unet", "blocks"):
         torch._dynamo.reset()
         counters.clear()
@@ -103,9 +129,8 @@ def test_fast_mode_compile_scopes_compute_the_same():
         if scope == "unet":
             assert graphs == 1
         else:
-            assert 1 < graphs < len(blocks), (graphs, len(blocks))  # shared graphs for equal shapes
+            # one graph per distinct block shape, shared by equal blocks; none fell back to eager at
+            # dynamo's recompile limit (set to 4 above, fewer than the ResBlock shapes here)
+            assert graphs == shapes < blocks, (graphs, shapes, blocks)
             assert all(getattr(m, "_compiled_call_impl", None) is not None for m in unet.modules()
                        if isinstance(m, (ResBlock, SpatialTransformer)))
-    torch._dynamo.reset()
-    with pytest.raises(InputError, match="compile scope must be one of unet, blocks"):
-        compile_unet(ref, "layers")

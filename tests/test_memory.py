@@ -244,26 +244,50 @@ def test_low_memory_batches_the_guidance_halves_on_a_gpu_up_to_one_512_image(tin
 
 
 def test_plain_vae_passes_only_on_cuda_in_high_memory_or_fast_mode(tiny):
-    """Speed before memory: memory="high" and fast mode on CUDA ask the VAE front doors for the
-    one-call pass (tiling.plain_fits decides per image); the CPU and normal/low modes never."""
+    """Speed before memory: memory="high" and fast mode outside low mode, on CUDA, ask the VAE
+    front doors for the one-call pass (tiling.plain_fits decides per image); the CPU and
+    normal/low modes without fast never, low mode never."""
     sd = StableDiffusion(tiny.folder, memory="low")
     assert not sd._plain_vae
     sd.device = torch.device("cuda")  # only the rule is asked here, nothing runs
     for memory, fast, plain in (("low", False, False), ("normal", False, False), ("high", False, True),
-                                ("normal", True, True), ("low", True, True)):
+                                ("normal", True, True), ("high", True, True), ("low", True, False)):
         sd.memory, sd.fast = memory, fast
         assert sd._plain_vae is plain, (memory, fast)
 
 
-def test_decode_passes_the_plain_rule_to_the_vae_front_door(tiny, monkeypatch):
+def test_vae_stages_pass_the_plain_rule_to_the_front_doors(tiny, monkeypatch):
+    """decode (txt2img), encode (img2img) and the float32 retry of a NaN decode all pass
+    `_plain_vae` on."""
     seen = []
-    real = tiling.decode
-    monkeypatch.setattr(tiling, "decode", lambda *a, plain=False, **k: (seen.append(plain), real(*a, **k))[1])
+    for name in ("decode", "encode"):
+        real = getattr(tiling, name)
+        monkeypatch.setattr(tiling, name, lambda *a, plain=False, real=real, name=name, **k:
+                            (seen.append((name, plain)), real(*a, **k))[1])
     sd = StableDiffusion(tiny.folder, memory="high")
+    init = Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8))
     sd.txt2img(PROMPT, width=32, height=32, steps=1, seed=1, sampler="ddim")
+    sd.img2img(PROMPT, init, strength=0.5, steps=2, seed=1, sampler="ddim")
+    assert seen == [("decode", False), ("encode", False), ("decode", False)]
+    seen.clear()
     monkeypatch.setattr(StableDiffusion, "_plain_vae", property(lambda self: True))
     sd.txt2img(PROMPT, width=32, height=32, steps=1, seed=1, sampler="ddim")
-    assert seen == [False, True]
+    sd.img2img(PROMPT, init, strength=0.5, steps=2, seed=1, sampler="ddim")
+    assert seen == [("decode", True), ("encode", True), ("decode", True)]
+    # a reduced-precision decode that gives NaN is retried in float32, with the same rule
+    seen.clear()
+    sd.dtype = torch.float16
+    calls = []
+    real_decode = tiling.decode
+
+    def nan_once(vae, z, *a, plain=False, **k):  # the tiny VAE is float32: so is the first call here
+        calls.append(plain)
+        out = real_decode(vae, z.float(), *a, plain=plain, **k)
+        return out * float("nan") if len(calls) == 1 else out
+    monkeypatch.setattr(tiling, "decode", nan_once)
+    with pytest.warns(UserWarning, match="retrying in float32"):
+        sd.decode(torch.zeros(1, 4, 4, 4))
+    assert calls == [True, True]
 
 
 def test_unknown_memory_mode_is_an_error(tiny):

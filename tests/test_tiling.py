@@ -180,28 +180,30 @@ def test_auto_tiles_above_the_threshold_only(vae, monkeypatch):
 
 
 @pytest.fixture
-def cuda_memory(monkeypatch):
-    """torch.cuda's memory queries answering from a dict (free, reserved, allocated bytes)."""
-    state = dict(free=0, reserved=0, allocated=0)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"], 80 * 2**30))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: state["reserved"])
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
-    return state
+def cuda_free(monkeypatch):
+    """torch.cuda.mem_get_info answering from a one-element list (free bytes)."""
+    free = [0]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free[0], 80 * 2**30))
+    return free
 
 
-def test_plain_fits_counts_free_device_memory(cuda_memory):
-    """A plain pass fits when the driver's free bytes plus PyTorch's unused cache cover
-    PLAIN_VALUES_PER_LATENT_PIXEL values per latent pixel in the compute dtype; never off CUDA."""
-    cuda, pixels = torch.device("cuda"), 128 * 128  # a 1024x1024 SD image
-    need = tiling.PLAIN_VALUES_PER_LATENT_PIXEL * pixels * 2  # float16
-    for free, reserved, allocated, fits in ((60 * 2**30, 0, 0, True), (need, 0, 0, True), (need - 1, 0, 0, False),
-                                            (need // 2, 3 * 2**30, 3 * 2**30 - need // 2, True),
-                                            (need // 2, 3 * 2**30, 3 * 2**30, False)):
-        cuda_memory.update(free=free, reserved=reserved, allocated=allocated)
-        assert tiling.plain_fits(cuda, torch.float16, pixels) is fits, (free, reserved, allocated)
-    cuda_memory.update(free=need, reserved=0, allocated=0)
-    assert not tiling.plain_fits(cuda, torch.float32, pixels)  # 4-byte values: twice the bytes
-    assert tiling.plain_fits(cuda, torch.float32, pixels // 2)
+def test_plain_fits_counts_free_device_memory(cuda_free):
+    """A plain pass fits when the driver's free bytes cover PLAIN_VALUES_PER_LATENT_PIXEL * p +
+    PLAIN_SCORE_BUFFERS * p^2 values (p latent pixels) in the compute dtype; never off CUDA."""
+    cuda = torch.device("cuda")
+
+    def need(p, size):
+        return (tiling.PLAIN_VALUES_PER_LATENT_PIXEL * p + tiling.PLAIN_SCORE_BUFFERS * p * p) * size
+
+    p = 128 * 128  # a 1024x1024 SD image
+    assert 6 * 2**30 < need(p, 2) < 7 * 2**30  # the README's "6.5 GiB"
+    for free, fits in ((60 * 2**30, True), (need(p, 2), True), (need(p, 2) - 1, False)):
+        cuda_free[0] = free
+        assert tiling.plain_fits(cuda, torch.float16, p) is fits, free
+    cuda_free[0] = need(p, 2)
+    assert not tiling.plain_fits(cuda, torch.float32, p)  # 4-byte values: twice the bytes
+    assert not tiling.plain_fits(cuda, torch.float16, 2 * p)  # the attention term grows with p^2:
+    assert need(2 * p, 2) > 3 * need(p, 2)  # twice the pixels need more than three times the memory
     assert not tiling.plain_fits(torch.device("cpu"), torch.float16, 8 * 8)
 
 
@@ -235,7 +237,10 @@ def test_plain_runs_one_call_at_any_size_where_it_fits(vae, monkeypatch, fits):
 
 
 def test_plain_call_out_of_memory_retries_in_tiles(vae, monkeypatch):
+    """Above the tiling threshold (lowered here), a plain call that runs out of memory is retried
+    in tiles (without `plain` such an input would go to the tiles at once)."""
     monkeypatch.setattr(tiling, "plain_fits", lambda device, dtype, pixels: True)
+    monkeypatch.setattr(tiling, "AUTO_MAX_LATENT_PIXELS", 16 * 16)
     z = latents((1, 4, 24, 20), seed=6)
     expect = tiled_decode(vae, z, tile=16, overlap=4)
     calls = Calls(vae.decode, fail_above=16 * 16, error=OOM_ERRORS[0])

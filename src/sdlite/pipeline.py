@@ -105,12 +105,12 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 # one graph. "blocks": each ResBlock and SpatialTransformer is compiled alone; blocks of equal
 # shapes share one compiled graph (18 graphs for SD v1's 38 blocks) and the glue between them
 # runs eager under the CUDA graph. CPU proxy (SD v1.5 UNet, 256x256, inductor, empty caches):
-# first call 85 s whole vs 64 s by blocks. Not yet measured on a GPU (warm-up and per-call
-# speed; benchmarks/speed.py variant sdlite-fast-blocks), so "unet" stays the default.
+# first call 85 s whole vs 63-64 s by blocks. Not yet measured on a GPU (warm-up and per-call
+# speed: `bash benchmarks/device_run.sh warmup1024`), so "unet" stays the default.
 FAST_COMPILE_SCOPES = ("unet", "blocks")
 FAST_COMPILE_SCOPE = "unet"
 # Dynamo keeps this many compiled versions per function; "blocks" needs one per distinct block
-# shape (15 for SD v1's ResBlock.forward), above its default of 8.
+# shape (14 for SD v1's ResBlock.forward, 4 for SpatialTransformer.forward), above its default of 8.
 BLOCK_RECOMPILE_LIMIT = 64
 
 MEMORY_MODES = ("normal", "low", "high")
@@ -123,7 +123,8 @@ PARK_PARTS = {"vae": {"encoder": ("encoder.", "quant_conv."), "decoder": ("decod
 
 def compile_unet(unet: torch.nn.Module, scope: str = "unet") -> torch.nn.Module:
     """torch.compile a UNet in place, whole ("unet") or block by block ("blocks"; see
-    FAST_COMPILE_SCOPE). Compilation happens on the first call."""
+    FAST_COMPILE_SCOPE). Compilation happens on the first call. "blocks" raises dynamo's
+    recompile limit for the whole process to at least BLOCK_RECOMPILE_LIMIT."""
     if scope not in FAST_COMPILE_SCOPES:
         raise InputError(f"compile scope must be one of {', '.join(FAST_COMPILE_SCOPES)}, got {scope!r}")
     if scope == "unet":
@@ -416,9 +417,10 @@ class StableDiffusion:
 
     @property
     def _plain_vae(self) -> bool:
-        """Speed before memory (memory="high" or fast mode) on CUDA: "auto" VAE passes run in one
-        call, untiled and unstreamed, where they fit in free device memory (tiling.plain_fits)."""
-        return self.device.type == "cuda" and (self.memory == "high" or self.fast)
+        """Speed before memory (memory="high", or fast mode outside low mode) on CUDA: "auto" VAE
+        passes run in one call, untiled and unstreamed, where they fit in free device memory
+        (tiling.plain_fits)."""
+        return self.device.type == "cuda" and (self.memory == "high" or (self.fast and self.memory != "low"))
 
     def _batches_cfg(self, latents: torch.Tensor) -> bool:
         """Whether the two CFG halves run as one UNet call (see `cfg_batch`)."""

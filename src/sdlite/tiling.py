@@ -23,7 +23,8 @@ Front doors `decode` / `encode` take `tiling="auto" | "on" | "off"`:
   With `plain=True` (the pipeline passes it on CUDA in memory="high" and in fast mode: speed
   before memory) an image whose one-call VAE pass fits in the free device memory (`plain_fits`)
   runs that pass instead, at any size: one kernel per layer, where the bands and tiles launch
-  many (H200, fp16, 1024x1024: tiles cost ~0.1 s more per image than diffusers' plain decode).
+  many (H200, fp16, fast mode at 1024x1024: 1.642 s per image with tiles, 1.539 s with the plain
+  decode, in two device calls).
 """
 
 from __future__ import annotations
@@ -44,11 +45,14 @@ ENCODE_TILE, ENCODE_OVERLAP = 512, 128  # image px
 # every usual SD v1 size (up to 768 px) decodes untiled, i.e. exactly. Measured fp32 CPU peaks of
 # the SD decoder: 3.6 GiB untiled at 1024 px (so ~2 GiB at 768 px) vs 1.0 GiB in 64/16 tiles.
 AUTO_MAX_LATENT_PIXELS = 96 * 96
-# The plain SD decode of a 1024x1024 image in float16 held about 2.45 GiB of activations (diffusers'
-# decode on an H100: 4.42 GiB peak on 1.97 GiB of weights; the mid block's attention scores over
-# 16384 pixels are most of it), i.e. about 80k values per latent pixel; `plain_fits` asks for
-# twice that.
-PLAIN_VALUES_PER_LATENT_PIXEL = 2 * 80_000
+# What a plain (one-call) VAE pass of one image holds, in values of the compute dtype, for p
+# latent pixels: its convolution maps grow with p (the SD decoder's full-resolution levels held
+# 640 MiB of float32 activations at 512x512, about 41k values per latent pixel) and the mid
+# block's attention (one 512-wide head, for which CUDA ran PyTorch's math kernel) with p^2: our
+# streamed 1024x1024 decode peaked 2.53 GiB above its start on an H200, about four 16384^2
+# score-sized buffers. `plain_fits` asks for twice both.
+PLAIN_VALUES_PER_LATENT_PIXEL = 2 * 41_000
+PLAIN_SCORE_BUFFERS = 2 * 4
 
 _OOM_MESSAGES = ("out of memory", "DefaultCPUAllocator: can't allocate memory")
 
@@ -118,16 +122,16 @@ def _auto(untiled: Callable, tiled: Callable, x: torch.Tensor, latent_pixels: in
 
 
 def plain_fits(device: torch.device, dtype: torch.dtype, latent_pixels: int) -> bool:
-    """Whether a plain VAE pass of one image of `latent_pixels` fits in what the CUDA `device` has
-    free (the driver's free bytes plus what PyTorch's cache holds unused), counting
-    PLAIN_VALUES_PER_LATENT_PIXEL values per latent pixel; False off CUDA (host memory: running
-    out there is not a catchable error everywhere)."""
+    """Whether a plain VAE pass of one image of `latent_pixels` (p) fits in the CUDA `device`'s
+    free memory as the driver reports it (PyTorch's cached blocks are not counted: the CUDA
+    graph's private pool and split blocks cannot serve the VAE's large tensors), counting
+    PLAIN_VALUES_PER_LATENT_PIXEL * p + PLAIN_SCORE_BUFFERS * p^2 values; False off CUDA (host
+    memory: running out there is not a catchable error everywhere)."""
     if device.type != "cuda":
         return False
     free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    need = PLAIN_VALUES_PER_LATENT_PIXEL * latent_pixels * torch.empty((), dtype=dtype).element_size()
-    return need <= free + cached
+    values = PLAIN_VALUES_PER_LATENT_PIXEL * latent_pixels + PLAIN_SCORE_BUFFERS * latent_pixels**2
+    return values * torch.empty((), dtype=dtype).element_size() <= free
 
 
 def is_out_of_memory(error: BaseException) -> bool:
