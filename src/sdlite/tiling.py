@@ -48,9 +48,10 @@ AUTO_MAX_LATENT_PIXELS = 96 * 96
 # What a plain (one-call) VAE pass of one image holds, in values of the compute dtype, for p
 # latent pixels: its convolution maps grow with p (the SD decoder's full-resolution levels held
 # 640 MiB of float32 activations at 512x512, about 41k values per latent pixel) and the mid
-# block's attention (one 512-wide head, for which CUDA ran PyTorch's math kernel) with p^2: our
-# streamed 1024x1024 decode peaked 2.53 GiB above its start on an H200, about four 16384^2
-# score-sized buffers. `plain_fits` asks for twice both.
+# block's attention (one 512-wide head) with p^2: our streamed 1024x1024 decode peaked 2.53 GiB
+# above its start on an H200, where the same decode counted op by op on the CPU (whose SDPA
+# never forms the scores) holds 0.65 GiB in fp16 terms; the rest, about four 16384^2
+# score-sized buffers, is SDPA on the GPU falling back to a kernel that forms the scores. `plain_fits` asks for twice both.
 PLAIN_VALUES_PER_LATENT_PIXEL = 2 * 41_000
 PLAIN_SCORE_BUFFERS = 2 * 4
 
