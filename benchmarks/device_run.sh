@@ -11,7 +11,8 @@
 # (sdpa_backends.py); exact2 = exact mode vs diffusers eager at 512 and 1024 in one process;
 # e1024 = the same at 1024 only; mem1024 = sdlite fp16 at 1024, default (VAE tiles) and
 # memory="high" (plain VAE decode); warmup1024 = fast mode compiled whole and by blocks, and
-# diffusers + torch.compile, at 1024, each in its own process with an empty inductor cache.
+# diffusers + torch.compile, at 1024, each in its own process with an empty inductor cache;
+# vaeattn = the VAE mid-block attention (16384 tokens, one 512-wide head) per SDPA kernel.
 set -uo pipefail
 start=$SECONDS
 deadline=${DEADLINE:-570}
@@ -22,7 +23,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 for part in ${*:-memory checks speedboth}; do
   left=$((deadline - (SECONDS - start) - 5))
-  case $part in checks) cap=170 ;; memory) cap=200 ;; speed) cap=270 ;; sdpa) cap=200 ;; low) cap=240 ;; exact2) cap=150 ;; mem1024|e1024) cap=120 ;;  *) cap=420 ;; esac
+  case $part in checks) cap=170 ;; memory) cap=200 ;; speed) cap=270 ;; sdpa) cap=200 ;; vaeattn) cap=60 ;; low) cap=240 ;; exact2) cap=150 ;; mem1024|e1024) cap=120 ;;  *) cap=420 ;; esac
   t=$((left < cap ? left : cap))
   if [ "$t" -lt 30 ]; then echo "== $part skipped: ${left}s left"; continue; fi
   echo "== $part (limit ${t}s, $((SECONDS - start))s in)"
@@ -45,6 +46,7 @@ for part in ${*:-memory checks speedboth}; do
     exact2) timeout $t python3 benchmarks/speed.py --device cuda --size 512,1024 --steps 50 --reps 2 --no-cold \
              --variants sdlite,diffusers --json "$OUT/speed-cuda-exact2.json" ;;
     sdpa) timeout $t python3 benchmarks/sdpa_backends.py --sizes 512,1024 --json "$OUT/sdpa-backends.json" ;;
+    vaeattn) timeout $t python3 benchmarks/sdpa_backends.py --vae --sizes 512,1024 --json "$OUT/vae-attention.json" ;;
     speed-exact) timeout $t python3 benchmarks/speed.py --device cuda --size 512 --steps 50 --reps 2 --no-cold \
              --variants sdlite,sdlite-no-graphs,sdlite-channels-last,diffusers --json "$OUT/speed-cuda-exact.json" ;;
     fast1024) timeout $t python3 benchmarks/speed.py --device cuda --size 1024 --steps 50 --reps 2 --no-cold --fast \
