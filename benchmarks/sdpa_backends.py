@@ -48,6 +48,18 @@ def time_call(fn, device: str, reps: int) -> float:
     return statistics.median(times)
 
 
+def _record(out: dict, row: dict, path: str | None, cuda: bool) -> None:
+    """Keep a row, print it, and rewrite the JSON (a run cut short keeps what it measured)."""
+    import torch
+
+    out["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    if path:
+        Path(path).write_text(json.dumps(out, indent=1))
+    if cuda:
+        torch.cuda.empty_cache()
+
+
 def vae_attention(args) -> int:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -91,12 +103,7 @@ def vae_attention(args) -> int:
                 del result
             except Exception as e:  # a backend this device/shape has no kernel for
                 row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-            out["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(out, indent=1))
-            if cuda:
-                torch.cuda.empty_cache()
+            _record(out, row, args.json, cuda)
     return 0
 
 
@@ -151,12 +158,7 @@ def main(argv=None) -> int:
                     row["max_abs_diff_vs_default"] = (eps - reference).abs().max().item()
             except Exception as e:  # a backend this device/shape has no kernel for
                 row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-            out["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(out, indent=1))
-            if cuda:
-                torch.cuda.empty_cache()
+            _record(out, row, args.json, cuda)
     print("| size | SDPA backend | UNet call | max abs diff vs default |\n|---|---|---|---|")
     for r in out["rows"]:
         call = f"{r['seconds_per_call'] * 1e3:.1f} ms" if "seconds_per_call" in r else r["error"][:60]
