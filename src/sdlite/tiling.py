@@ -20,8 +20,8 @@ Front doors `decode` / `encode` take `tiling="auto" | "on" | "off"`:
   out of memory is retried in tiles with a warning. Untiled decodes and encodes of large images
   run their full-resolution levels in bands of rows (`streaming.py`: the same result within
   float rounding, about half the activation memory).
-  With `plain=True` (the pipeline passes it on CUDA in memory="high" and in fast mode: speed
-  before memory) an image whose one-call VAE pass fits in the free device memory (`plain_fits`)
+  With `plain=True` (the pipeline passes it on CUDA in memory="high" and in fast mode outside
+  memory="low": speed before memory) an image whose one-call VAE pass fits in the free device memory (`plain_fits`)
   runs that pass instead, at any size: one kernel per layer, where the bands and tiles launch
   many (H200, fp16, fast mode at 1024x1024: 1.642 s per image with tiles, 1.539 s with the plain
   decode, in two device calls).
@@ -51,7 +51,8 @@ AUTO_MAX_LATENT_PIXELS = 96 * 96
 # block's attention (one 512-wide head) with p^2: our streamed 1024x1024 decode peaked 2.53 GiB
 # above its start on an H200, where the same decode counted op by op on the CPU (whose SDPA
 # never forms the scores) holds 0.65 GiB in fp16 terms; the rest, about four 16384^2
-# score-sized buffers, is SDPA on the GPU falling back to a kernel that forms the scores. `plain_fits` asks for twice both.
+# score-sized buffers, is SDPA on the GPU falling back to a kernel that forms the scores.
+# `plain_fits` asks for twice both.
 PLAIN_VALUES_PER_LATENT_PIXEL = 2 * 41_000
 PLAIN_SCORE_BUFFERS = 2 * 4
 
