@@ -319,3 +319,20 @@ def test_unet_traces_without_graph_breaks(mode):
         explanation = torch._dynamo.explain(unet)(x, t, c)
     torch._dynamo.reset()
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_attention_setting_is_marked_constant_without_importing_dynamo():
+    """`_current_setting` carries torch.compiler.assume_constant_result's mark, set directly: the
+    decorator sets exactly this attribute (if a torch release changes that, this fails, as does
+    the graph-break test above), and importing sdlite no longer imports torch._dynamo (1 s)."""
+    from sdlite import attention as attn
+
+    def probe():
+        return None
+
+    torch.compiler.assume_constant_result(probe)
+    assert probe.__dict__ == {"_dynamo_marked_constant": True}
+    assert attn._current_setting._dynamo_marked_constant is True
+    code = "import sys, sdlite.pipeline, sdlite.cli; print('torch._dynamo' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert run.stdout.strip().splitlines()[-1] == "False"

@@ -86,11 +86,16 @@ def attention_mode(mode: str, chunk: int | None = None) -> Iterator[AttentionSet
         _setting.reset(token)
 
 
-@torch.compiler.assume_constant_result
 def _current_setting() -> AttentionSetting:
-    # torch.compile cannot trace ContextVar.get; this makes it read the setting once, while
-    # compiling, and bake it in (a compiled model keeps the mode it was compiled under).
     return _setting.get()
+
+
+# torch.compile cannot trace ContextVar.get: marked as torch.compiler.assume_constant_result, it is
+# read once while compiling and baked in (a compiled model keeps the mode it was compiled under).
+# The mark is set directly: the decorator does only this (tests/test_attention.py checks that it
+# still does), and calling it imports torch._dynamo, which took 1.0 s of every sdlite process's
+# start (CLI calls included; cold start to the first image 31.4 s on this 2-core CPU).
+_current_setting._dynamo_marked_constant = True
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
