@@ -324,7 +324,8 @@ def test_unet_traces_without_graph_breaks(mode):
 def test_attention_setting_is_marked_constant_without_importing_dynamo():
     """`_current_setting` carries torch.compiler.assume_constant_result's mark, set directly: the
     decorator sets exactly this attribute (if a torch release changes that, this fails, as does
-    the graph-break test above), and importing sdlite no longer imports torch._dynamo (1 s)."""
+    the graph-break test above), and importing sdlite or building its models no longer imports
+    torch._dynamo (1 s of each process's start)."""
     from sdlite import attention as attn
 
     def probe():
@@ -333,6 +334,13 @@ def test_attention_setting_is_marked_constant_without_importing_dynamo():
     torch.compiler.assume_constant_result(probe)
     assert probe.__dict__ == {"_dynamo_marked_constant": True}
     assert attn._current_setting._dynamo_marked_constant is True
-    code = "import sys, sdlite.pipeline, sdlite.cli; print('torch._dynamo' in sys.modules)"
+    code = textwrap.dedent("""
+        import sys, torch, sdlite.pipeline, sdlite.cli
+        from sdlite.checkpoint import build_model
+        from sdlite.config import TINY
+        with torch.device("meta"):  # as loading builds them (nn.Embedding's init once imported dynamo)
+            models = [build_model(c, TINY) for c in ("text", "unet", "vae")]
+        print("torch._dynamo" in sys.modules)
+    """)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert run.stdout.strip().splitlines()[-1] == "False"

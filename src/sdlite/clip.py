@@ -64,8 +64,12 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+        # `_weight` skips nn.Embedding's random init (every weight is loaded from a file): on the
+        # meta device that init's normal_ runs a Python reference that imports torch._dynamo,
+        # about 1 s of each process's start.
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, _weight=torch.empty(cfg.vocab_size, cfg.width))
+        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width,
+                                               _weight=torch.empty(cfg.max_positions, cfg.width))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
