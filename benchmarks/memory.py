@@ -9,9 +9,8 @@ Each configuration runs in a fresh child process on the same random-weight check
   stage runs;
 - CUDA: torch.cuda.max_memory_allocated overall and per stage (peak stats reset at each stage);
 - seconds per denoising step (median of the steps after the first) and per stage, both of the
-  last image; each image's
-  seconds (the whole generation call; --images N makes N one after the other in the child, after
-  the pipeline's construction) and total seconds.
+  last image; each image's seconds (the whole generation call; --images N makes N one after the
+  other in the child, after the pipeline's construction) and total seconds.
 Output: JSON (--json) and a markdown table on stdout.
 """
 
@@ -220,8 +219,8 @@ def child(name: str, device: str, steps: int, workdir: Path, images: int = 1) ->
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
     out = {"name": name, "impl": impl, **opts, "device": device, "steps": steps, "seconds_total": total,
-           "seconds_load": load, "image_seconds": image_seconds, "seconds_per_step": per_step, "stage_peaks": meter.peaks, "stage_bases": meter.bases,
-           "stage_seconds": meter.seconds}
+           "seconds_load": load, "image_seconds": image_seconds, "seconds_per_step": per_step,
+           "stage_peaks": meter.peaks, "stage_bases": meter.bases, "stage_seconds": meter.seconds}
     if device == "cuda":
         import torch
 

@@ -48,6 +48,15 @@ def time_call(fn, device: str, reps: int) -> float:
     return statistics.median(times)
 
 
+def sdpa_kernels() -> dict:
+    """Our backend names -> PyTorch's SDPBackend members that this torch version has."""
+    from torch.nn.attention import SDPBackend
+
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+             "math": "MATH"}
+    return {k: getattr(SDPBackend, v) for k, v in names.items() if hasattr(SDPBackend, v)}
+
+
 def _record(out: dict, row: dict, path: str | None, cuda: bool) -> None:
     """Keep a row, print it, and rewrite the JSON (a run cut short keeps what it measured)."""
     import torch
@@ -62,14 +71,13 @@ def _record(out: dict, row: dict, path: str | None, cuda: bool) -> None:
 
 def vae_attention(args) -> int:
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     from sdlite.attention import chunked_attention
 
     cuda = args.device == "cuda"
     dtype = torch.float16 if cuda else torch.float32
-    kernels = {k: getattr(SDPBackend, v, None) for k, v in (("flash", "FLASH_ATTENTION"), ("efficient",
-               "EFFICIENT_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"), ("math", "MATH"))}
+    kernels = sdpa_kernels()
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "rows": []}
     for size in (int(s) for s in args.sizes.split(",")):
         tokens = (size // 8) ** 2
@@ -84,7 +92,7 @@ def vae_attention(args) -> int:
                     ctx = contextlib.nullcontext
                 elif name == "default":
                     fn, ctx = (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)), contextlib.nullcontext
-                elif kernels.get(name) is None:
+                elif name not in kernels:
                     raise ValueError(f"this torch has no SDPA backend {name!r}")
                 else:
                     fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
@@ -121,7 +129,7 @@ def main(argv=None) -> int:
         return vae_attention(args)
     import load_memory
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     from sdlite.checkpoint import open_checkpoint
 
@@ -132,9 +140,7 @@ def main(argv=None) -> int:
     unet = open_checkpoint(workdir / "sd15-fp16.safetensors").load("unet", dtype, args.device)
     if cuda:
         unet = unet.to(memory_format=torch.channels_last)  # as exact mode runs it on CUDA
-    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-             "math": "MATH"}
-    kernels = {k: getattr(SDPBackend, v) for k, v in names.items() if hasattr(SDPBackend, v)}  # per torch version
+    kernels = sdpa_kernels()
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "rows": []}
     for size in (int(s) for s in args.sizes.split(",")):
         g = torch.Generator().manual_seed(0)
