@@ -124,22 +124,38 @@ PARK_PARTS = {"vae": {"encoder": ("encoder.", "quant_conv."), "decoder": ("decod
 def compile_unet(unet: torch.nn.Module, scope: str = "unet") -> torch.nn.Module:
     """torch.compile a UNet in place, whole ("unet") or block by block ("blocks"; see
     FAST_COMPILE_SCOPE). Compilation happens on the first call. "blocks" raises dynamo's
-    recompile limit for the whole process to at least BLOCK_RECOMPILE_LIMIT."""
+    recompile limit to at least BLOCK_RECOMPILE_LIMIT, for the process (torch < 2.12) or for
+    this thread and each thread that calls the UNet (torch >= 2.12, where the limit is per thread)."""
     if scope not in FAST_COMPILE_SCOPES:
         raise InputError(f"compile scope must be one of {', '.join(FAST_COMPILE_SCOPES)}, got {scope!r}")
     if scope == "unet":
         unet.forward = torch.compile(unet.forward, dynamic=False)
         return unet
-    from torch._dynamo import config
-
     from .unet import ResBlock, SpatialTransformer
 
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), BLOCK_RECOMPILE_LIMIT))
+    _raise_recompile_limit()
     for module in unet.modules():
         if isinstance(module, (ResBlock, SpatialTransformer)):
             module.compile(dynamic=False)
+    forward = unet.forward
+
+    def forward_raising_limit(*args, **kwargs):
+        # Since torch 2.12 dynamo's config is per thread: a UNet built in one thread and run in
+        # another (a web UI's worker) would meet the default limit there and run blocks eager.
+        _raise_recompile_limit()
+        return forward(*args, **kwargs)
+
+    unet.forward = forward_raising_limit
     return unet
+
+
+def _raise_recompile_limit() -> None:
+    """Lift dynamo's recompile limit (in this thread, on torch >= 2.12) to BLOCK_RECOMPILE_LIMIT."""
+    from torch._dynamo import config
+
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name) < BLOCK_RECOMPILE_LIMIT:
+        setattr(config, name, BLOCK_RECOMPILE_LIMIT)
 
 
 class StableDiffusion:
