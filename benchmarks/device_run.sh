@@ -12,7 +12,9 @@
 # e1024 = the same at 1024 only; mem1024 = sdlite fp16 at 1024, default (VAE tiles) and
 # memory="high" (plain VAE decode); warmup1024 = fast mode compiled whole and by blocks, and
 # diffusers + torch.compile, at 1024, each in its own process with an empty inductor cache;
-# vaeattn = the VAE mid-block attention (16384 tokens, one 512-wide head) per SDPA kernel.
+# vaeattn = the VAE mid-block attention (16384 tokens, one 512-wide head) per SDPA kernel;
+# compiletime = the UNet's first call alone at 1024, whole / by blocks / diffusers, each with an
+# empty inductor cache and again on the cache the first filled, with dynamo's phase timers.
 set -uo pipefail
 start=$SECONDS
 deadline=${DEADLINE:-570}
@@ -23,7 +25,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 for part in ${*:-memory checks speedboth}; do
   left=$((deadline - (SECONDS - start) - 5))
-  case $part in checks) cap=170 ;; memory) cap=200 ;; speed) cap=270 ;; sdpa) cap=200 ;; vaeattn) cap=60 ;; low) cap=240 ;; exact2) cap=150 ;; mem1024|e1024) cap=120 ;;  *) cap=420 ;; esac
+  case $part in checks) cap=170 ;; memory) cap=200 ;; speed) cap=270 ;; sdpa) cap=200 ;; vaeattn) cap=60 ;; low) cap=240 ;; exact2) cap=150 ;; mem1024|e1024) cap=120 ;; compiletime) cap=330 ;;  *) cap=420 ;; esac
   t=$((left < cap ? left : cap))
   if [ "$t" -lt 30 ]; then echo "== $part skipped: ${left}s left"; continue; fi
   echo "== $part (limit ${t}s, $((SECONDS - start))s in)"
@@ -61,6 +63,8 @@ torch.nn.functional.conv2d(x, x[:8, :, :3, :3]).sum().item(); (x.flatten(1) @ x.
           --json "$OUT/warmup-1024-$v.json"
         echo "== $v rc=$?"
       done ;;
+    compiletime) timeout $t python3 benchmarks/compile_time.py --device cuda --size 1024 \
+             --json "$OUT/compile-time-cuda-1024.json" ;;
     compile1024) timeout $t python3 benchmarks/speed.py --device cuda --size 1024 --steps 50 --reps 2 --no-cold \
              --diffusers-compile --variants diffusers-compile --json "$OUT/speed-cuda-compile-1024.json" ;;
     speedboth) timeout $t python3 benchmarks/speed.py --device cuda --size 512,1024 --steps 50 --reps 2 --fast \

@@ -241,6 +241,17 @@ def test_progress_and_result_lines(capsys, tiny_file, tmp_path):
     assert rc == 0
     assert re.search(r"\d/2 \[\d\d:\d\d<", err) and "step/s" in err  # tqdm on stderr: count, ETA, rate
     assert out.strip().splitlines()[0].startswith(str(tmp_path / "00000-1.png"))
+    assert "compiles the UNet" not in err
+
+
+def test_fast_mode_on_cuda_says_the_first_step_compiles(capsys, tiny_file, tmp_path, monkeypatch):
+    from sdlite import pipeline
+
+    # the note's condition, as fast mode on a CUDA device would set it (no GPU here)
+    monkeypatch.setattr(pipeline.StableDiffusion, "compiles_unet", property(lambda self: self.fast))
+    monkeypatch.setattr(pipeline.StableDiffusion, "_speed_up", lambda self, unet: unet)  # no compile on the CPU
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--fast", "-o", tmp_path)
+    assert rc == 0 and "fast mode: the first step at each image size compiles the UNet" in err, err
 
 
 # ------------------------------------------------------------------ img2img, inpaint, VAE

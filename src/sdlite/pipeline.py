@@ -285,11 +285,16 @@ class StableDiffusion:
 
         return self.fast and self.device.type == "cpu" and self.dtype == torch.float32 and available()
 
+    @property
+    def compiles_unet(self) -> bool:
+        """Fast mode on CUDA: the UNet is torch.compiled, on its first call at each input shape."""
+        return self.fast and self.device.type == "cuda"
+
     def _speed_up(self, unet: torch.nn.Module) -> torch.nn.Module:
         """Exact-mode CUDA graphs; fast mode adds torch.compile (different kernels, PSNR-checked)."""
-        if self.channels_last or (self.fast and self.device.type == "cuda"):
+        if self.channels_last or self.compiles_unet:
             unet = unet.to(memory_format=torch.channels_last)
-        if self.fast and self.device.type == "cuda":
+        if self.compiles_unet:
             compile_unet(unet, FAST_COMPILE_SCOPE)
         if self.cuda_graphs:
             from .cudagraph import GraphedUNet
