@@ -81,6 +81,33 @@ def test_fast_layers_compute_the_quantized_product(kind):
 
 
 @needs_fast
+def test_fast_geglu_computes_the_quantized_product():
+    """A GEGLU on an int8 projection becomes two oneDNN products of one quantized input, the
+    gate's with GELU on its output: equal to the unfused definition on the dequantized input
+    and weight, within int8 error of the float GEGLU."""
+    from sdlite.unet import GEGLU
+
+    torch.manual_seed(0)
+    ref = GEGLU(48, 40)
+    int8 = copy.deepcopy(ref)
+    int8.proj = Int8Linear.from_float(ref.proj)
+    w = dequantize(int8.proj.weight, int8.proj.weight_scale)
+    fast = fastcpu.fast_int8(copy.deepcopy(int8))
+    assert type(fast) is fastcpu.FastInt8GEGLU and not hasattr(fast, "proj")
+    x = torch.randn(2, 9, 48)
+    with torch.inference_mode():
+        y = fast(x)
+        value, gate = F.linear(_dequantized_input(x), w, ref.proj.bias).chunk(2, dim=-1)
+        assert_close(y, value * F.gelu(gate), rel=1e-5, what="fast GEGLU vs its definition")
+        expect = ref(x)
+        err = ((y - expect).norm() / expect.norm()).item()
+        assert err < 0.02, f"relative error {err:.4f} against the float GEGLU"
+        bad = x.clone()
+        bad.view(-1)[5] = float("nan")
+        assert fast(bad).isnan().all()
+
+
+@needs_fast
 @pytest.mark.full
 def test_fast_mode_on_the_cpu(full):
     """Full SD v1 architecture (seeded weights of realistic scale): the decoded image of fast
@@ -89,7 +116,7 @@ def test_fast_mode_on_the_cpu(full):
     exact = StableDiffusion(full.folder).txt2img("a red house by a lake", "blurry", **args).images[0]
     sd = StableDiffusion(full.folder, fast=True)
     kinds = {type(m) for m in sd.unet.modules()}
-    assert fastcpu.FastInt8Conv2d in kinds and fastcpu.FastInt8Linear in kinds
+    assert {fastcpu.FastInt8Conv2d, fastcpu.FastInt8Linear, fastcpu.FastInt8GEGLU} <= kinds
     fast = sd.txt2img("a red house by a lake", "blurry", **args).images[0]
     value = psnr(fast, exact)
     print(f"[psnr] CPU fast mode vs exact, full SD v1, 128x128, 8 DDIM steps: {value:.2f} dB")
