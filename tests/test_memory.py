@@ -208,8 +208,9 @@ def test_cpu_slowdown_probe():
 
 @pytest.mark.parametrize("memory", ["normal", "low"])
 def test_cfg_batch_option_sets_how_the_guidance_halves_run(tiny, memory):
-    """cfg_batch=True: one batch-2 UNet call per step, False: two batch-1 calls, None: one call
-    except in low mode on the CPU; the latents agree within float rounding."""
+    """cfg_batch=True: one batch-2 UNet call per step (the latent once, with both contexts),
+    False: two batch-1 calls, None: one call except in low mode on the CPU; the latents agree
+    within float rounding. Recorded per call: (latents, contexts)."""
     batches, latents = {}, {}
     for option in (None, True, False):
         sd = StableDiffusion(tiny.folder, memory=memory, cfg_batch=option)
@@ -219,13 +220,13 @@ def test_cfg_batch_option_sets_how_the_guidance_halves_run(tiny, memory):
         def load(component, real_load=real_load, sizes=sizes):
             model = real_load(component)
             if component == "unet":
-                model.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+                model.register_forward_pre_hook(lambda m, a: sizes.append((a[0].shape[0], a[2].shape[0])))
             return model
         sd.load_component = load
         if sd.unet is not None:
-            sd.unet.register_forward_pre_hook(lambda m, a, sizes=sizes: sizes.append(a[0].shape[0]))
+            sd.unet.register_forward_pre_hook(lambda m, a, sizes=sizes: sizes.append((a[0].shape[0], a[2].shape[0])))
         latents[option] = sd.txt2img(PROMPT, width=32, height=32, steps=2, seed=4, sampler="ddim").latents
-    assert batches[True] == [2, 2] and batches[False] == [1, 1, 1, 1]
+    assert batches[True] == [(1, 2)] * 2 and batches[False] == [(1, 1)] * 4
     assert batches[None] == (batches[False] if memory == "low" else batches[True])
     for option in (True, False):
         assert (latents[option] - latents[None]).abs().max() <= 1e-5 * max(1, latents[None].abs().max())

@@ -44,6 +44,11 @@ def check_unet(ref_unet, ours, hw, what: str, batch: int = 2) -> None:
         with torch.no_grad():
             expect = ref_unet(x, tt, ctx).sample
             assert_close(ours(x, tt, ctx), expect, what=f"{what} unet {hw} t={t}")
+    # guidance's call: each latent once with two contexts ([uncond, cond]) = the repeated batch
+    pair = torch.cat([torch.randn(batch, 77, cfg.context_dim, generator=g), ctx])
+    with torch.no_grad():
+        expect = ref_unet(torch.cat([x, x]), torch.cat([tt, tt]), pair).sample
+        assert_close(ours(x, tt, pair), expect, what=f"{what} unet {hw}, latents paired with two contexts")
 
 
 def check_vae(ref, what: str, hw) -> None:

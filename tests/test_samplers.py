@@ -420,6 +420,27 @@ def test_denoiser_cfg_batch_order_and_formula():
     torch.testing.assert_close(out, x - sigma * (eps_u + 7.5 * (eps_c - eps_u)), rtol=1e-6, atol=1e-6)
 
 
+def test_denoiser_pairs_latents_with_both_contexts():
+    """pairs_contexts: the guidance call passes the latents (and inpainting's extra channels)
+    once with [uncond, cond], for a UNet that pairs each latent with each context; the result
+    is the CFG batch's."""
+    sigma, x = schedule.discrete_sigmas()[500], start_noise()
+    cond, uncond = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    extra = torch.randn(2, 5, 8, 8)
+
+    def paired_eps(x, t, context):  # what a pairing UNet computes: x repeated per context group
+        k = context.shape[0] // x.shape[0]
+        return fake_eps(torch.cat([x] * k), torch.cat([t] * k), context)
+
+    batched = samplers.Denoiser(Recorder()).bind(cond, uncond, 7.5, extra_channels=extra)(x, sigma)
+    calls = []
+    paired = samplers.Denoiser(lambda x, t, c: calls.append((x, t, c)) or paired_eps(x, t, c), pairs_contexts=True)
+    out = paired.bind(cond, uncond, 7.5, extra_channels=extra)(x, sigma)
+    assert len(calls) == 1 and calls[0][0].shape == (2, 9, 8, 8) and calls[0][1].shape == (2,)
+    assert torch.equal(calls[0][2], torch.cat([uncond, cond])) and torch.equal(calls[0][0][:, 4:], extra)
+    torch.testing.assert_close(out, batched, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("uncond, scale", [(None, 7.5), (torch.zeros(2, 3, 5), 1.0)])
 def test_denoiser_without_guidance_makes_one_half_size_call(uncond, scale):
     sigma, x, cond = torch.tensor(3.0), start_noise(), torch.ones(2, 3, 5)

@@ -425,7 +425,7 @@ class StableDiffusion:
         """Run the sampler from VE latents at sigmas[0]; returns VP latents (float32)."""
         interpolation = samplers.timestep_interpolation(job.sampler, job.karras)
         denoiser = samplers.Denoiser(self._eps, self.alphas_cumprod, interpolation=interpolation,
-                                     cfg_batch=self._batches_cfg(x))
+                                     cfg_batch=self._batches_cfg(x), pairs_contexts=True)
         model = denoiser.bind(cond, uncond, job.guidance_scale, extra_channels)
         options = {"eta": job.eta} if job.sampler in ("ddim", "euler_a") and job.eta is not None else {}
         with self._stage("unet") as unet, torch.inference_mode():

@@ -45,7 +45,7 @@ class Denoiser:
     """
 
     def __init__(self, eps_fn, alphas_cumprod: torch.Tensor | None = None, *,
-                 interpolation: str = "log", cfg_batch: bool = True):
+                 interpolation: str = "log", cfg_batch: bool = True, pairs_contexts: bool = False):
         if interpolation not in schedule.INTERPOLATIONS:
             raise InputError(f"unknown timestep interpolation {interpolation!r}; "
                              f"use one of {', '.join(schedule.INTERPOLATIONS)}")
@@ -53,6 +53,9 @@ class Denoiser:
         self.sigmas = schedule.discrete_sigmas(alphas_cumprod)  # (T,) ascending in t, CPU float32
         self.interpolation = interpolation
         self.cfg_batch = cfg_batch  # False: the uncond and cond halves run as two calls
+        # True: eps_fn takes a context batch that is a multiple of the latents' (unet.UNetModel
+        # does), so the batched guidance call passes the latents once with [uncond, cond]
+        self.pairs_contexts = pairs_contexts
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """UNet timestep for each sigma: exact integers for table sigmas, else interpolated."""
@@ -67,7 +70,11 @@ class Denoiser:
         if uncond is None or guidance_scale == 1:
             eps = self._eps(x_in, t, cond, extra_channels)
         else:
-            if self.cfg_batch:
+            if self.cfg_batch and self.pairs_contexts:
+                # One call, each latent with [uncond, cond]: the 2B batch of CompVis and diffusers,
+                # without running the context-free first layers twice on equal halves.
+                eps_u, eps_c = self._eps(x_in, t, torch.cat([uncond, cond]), extra_channels).chunk(2)
+            elif self.cfg_batch:
                 # One 2B batch, [uncond, cond] in that order like CompVis and diffusers.
                 extra = None if extra_channels is None else torch.cat([extra_channels] * 2)
                 eps_u, eps_c = self._eps(torch.cat([x_in] * 2), torch.cat([t] * 2),

@@ -96,6 +96,7 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
+        x = paired(x, context.shape[0])  # from here on, one row per context
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -116,8 +117,8 @@ class SpatialTransformer(nn.Module):
         y = y.flatten(2).transpose(1, 2)  # (B, H*W, C)
         for block in self.transformer_blocks:
             y = block(y, context)
-        y = y.transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(y)
+        y = y.transpose(1, 2).reshape(y.shape[0], c, h, w)  # y may have k times x's batch (see paired)
+        return paired(x, y.shape[0]) + self.proj_out(y)
 
 
 class Downsample(nn.Module):
@@ -146,7 +147,7 @@ class Step(nn.ModuleList):
     def forward(self, x, emb, context, size=None):
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, paired(emb, x.shape[0]))
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             elif isinstance(layer, Upsample):
@@ -156,8 +157,22 @@ class Step(nn.ModuleList):
         return x
 
 
+def paired(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """x for a batch of `batch` rows: x itself, or x repeated k times when `batch` is k times x's,
+    i.e. when each latent is paired with k contexts (see UNetModel). torch.cat keeps a
+    channels_last x channels_last (repeat would not, and the next layers would copy it back)."""
+    return x if x.shape[0] == batch else torch.cat([x] * (batch // x.shape[0]))
+
+
 class UNetModel(nn.Module):
-    """eps-prediction UNet: (x (B,C,h,w), t (B,), context (B,77,768)) -> eps (B,4,h,w)."""
+    """eps-prediction UNet: (x (B,C,h,w), t (B,), context (B,77,768)) -> eps (B,4,h,w).
+
+    The context may hold k contexts per latent instead, (k*B, 77, 768) ordered as k groups of B
+    (classifier-free guidance's [uncond, cond]: k = 2); the result is then (k*B, 4, h, w), what
+    x repeated k times would give. The layers before the first cross-attention (the input
+    convolution, the first ResBlock, the first self-attention) do not read the context, so they
+    run once per latent instead of once per pair; the first cross-attention widens the batch.
+    """
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -197,6 +212,8 @@ class UNetModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        if context.shape[0] % x.shape[0]:
+            raise ValueError(f"context batch {context.shape[0]} is not a multiple of the latents' {x.shape[0]}")
         emb = self.time_embedding(t, x.dtype)
         skips = []
         for block in self.input_blocks:
@@ -204,6 +221,6 @@ class UNetModel(nn.Module):
             skips.append(x)
         x = self.middle_block(x, emb, context)
         for block in self.output_blocks:
-            x = torch.cat([x, skips.pop()], dim=1)
+            x = torch.cat([x, paired(skips.pop(), x.shape[0])], dim=1)
             x = block(x, emb, context, size=skips[-1].shape[-2:] if skips else None)
-        return self.out(x)
+        return paired(self.out(x), context.shape[0])
