@@ -182,7 +182,8 @@ class StableDiffusion:
       for the whole process (during the UNet stage blocks below 9 MiB come from the heap and are
       reused; the heap is trimmed when each stage ends: `_malloc_for_low_memory`).
     - `cfg_batch`: True runs the two halves of classifier-free guidance as one batch-2 UNet
-      call, False as two calls (half the activations, same result within float rounding).
+      call (the latent once with both contexts: the layers before the first cross-attention
+      run once), False as two calls (half the activations, same result within float rounding).
       None (default): one call, except in low mode, where the halves split on the CPU and MPS,
       and on CUDA above one 512x512 image (width x height x batch_size).
     - `channels_last`: the UNet's convolutions in NHWC (cuDNN's own layout; about 20 % faster

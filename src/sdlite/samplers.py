@@ -42,6 +42,9 @@ class Denoiser:
     `t` reaches eps_fn as a float32 (B,) tensor on x's device (2B with guidance): the exact
     integer for a sigma of the training table, otherwise interpolated by `interpolation`
     ("log" k-diffusion, "linear" or "log_rounded": see timestep_interpolation).
+    With guidance in one call (`cfg_batch`), `pairs_contexts=True` passes the latents once with
+    [uncond, cond] (for an eps_fn that pairs each latent with each context, as UNetModel does);
+    otherwise the latents are repeated to the 2B batch.
     """
 
     def __init__(self, eps_fn, alphas_cumprod: torch.Tensor | None = None, *,
