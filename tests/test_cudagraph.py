@@ -68,6 +68,9 @@ def test_channels_last_unet_computes_the_same(tiny):
     c = torch.randn(2, 77, sd.config.unet.context_dim, generator=g)
     with torch.inference_mode():
         assert_close(nhwc(x, t, c), ref(x, t, c), rel=1e-5, what="NHWC vs NCHW UNet")
+        paired = nhwc(x[:1].contiguous(memory_format=torch.channels_last), t[:1], c)  # the guidance call
+        assert_close(paired, ref(x[:1], t[:1], c), rel=1e-5, what="NHWC vs NCHW UNet, latent paired with 2 contexts")
+        assert paired.is_contiguous(memory_format=torch.channels_last)  # widening the batch kept NHWC
 
 
 def test_fast_mode_compile_scopes_compute_the_same():
@@ -94,7 +97,8 @@ def test_fast_mode_compile_scopes_compute_the_same():
         (type(m), tuple(tuple(v.shape) for v in a), tuple(tuple(p.shape) for p in m.parameters()))))
         for m in blocks]
     with torch.inference_mode():
-        expect = ref(x, t, c)
+        # the batch-2 call, and the pipeline's guidance call: one latent paired with both contexts
+        expect = ref(x, t, c), ref(x[:1], t[:1], c)
     for h in hooks:
         h.remove()
     config = torch._dynamo.config
@@ -124,15 +128,16 @@ def _compare_scopes(ref, blocks, shapes, expect, x, t, c, counters):
         unet = compile_unet(copy.deepcopy(ref), scope)
         if scope == "unet":
             with torch.inference_mode():
-                out = unet(x, t, c)
+                out = unet(x, t, c), unet(x[:1], t[:1], c)
         else:
             # called from another thread whose own limit is low too (dynamo's config is per thread
             # since torch 2.12, so a web UI's worker thread would not see the raised limit)
             out = _call_in_thread(unet, x, t, c)
-        assert_close(out, expect, rel=1e-5, what=f"compiled ({scope}) vs eager UNet")
+        for got, want, call in zip(out, expect, ("batch-2", "paired")):
+            assert_close(got, want, rel=1e-5, what=f"compiled ({scope}) vs eager UNet, {call} call")
         graphs = counters["stats"]["unique_graphs"]
         if scope == "unet":
-            assert graphs == 1
+            assert graphs == 2  # one per input signature
         else:
             # one graph per distinct block shape, shared by equal blocks; none fell back to eager at
             # dynamo's recompile limit (set to 4 above, fewer than the ResBlock shapes here)
@@ -155,7 +160,7 @@ def _call_in_thread(unet, x, t, c):
         setattr(config, name, 4)
         try:
             with torch.inference_mode():
-                result["out"] = unet(x, t, c)
+                result["out"] = unet(x, t, c), unet(x[:1], t[:1], c)
         except BaseException as e:  # re-raised in the test's thread
             result["error"] = e
         finally:

@@ -77,6 +77,21 @@ def test_tiny_unet(tiny, hw):
     check_unet(tiny.pipe.unet, open_checkpoint(tiny.folder).load("unet"), hw, "tiny")
 
 
+def test_unet_batch_rules(tiny):
+    """t: one per latent, or one for all; context: a multiple of the latents' batch."""
+    ours = open_checkpoint(tiny.folder).load("unet")
+    g = torch.Generator().manual_seed(4)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, ours.cfg.context_dim, generator=g)
+    with torch.no_grad():
+        expect = ours(x, torch.tensor([300.0, 300.0]), ctx)
+        assert_close(ours(x, torch.tensor([300.0]), ctx), expect, what="one t for both latents")
+        assert_close(ours(x, torch.tensor(300.0), ctx), expect, what="scalar t")
+        with pytest.raises(ValueError, match="timestep batch 4 is neither 1 nor the latents' 2"):
+            ours(x, torch.full((4,), 300.0), torch.cat([ctx, ctx]))
+        with pytest.raises(ValueError, match="context batch 3 is not a multiple of the latents' 2"):
+            ours(x, torch.tensor([300.0, 300.0]), ctx[[0, 1, 0]])
+
+
 def test_tiny_inpainting_unet(tiny_inpaint):
     ours = open_checkpoint(tiny_inpaint.folder).load("unet")
     assert ours.cfg.in_channels == 9

@@ -52,6 +52,11 @@ def available() -> bool:
                 xd = (q.float() - zp) * scale
                 ref = F.conv2d(xd, w, layer.bias, padding=1) if layer is conv else F.linear(xd, w, layer.bias)
                 ok = ok and torch.allclose(fast_int8(twin)(inp), ref, atol=1e-4)
+                if layer is lin:  # the same product with the GELU post-op (FastInt8GEGLU's gate)
+                    geglu = GEGLU(8, 2)
+                    geglu.proj = Int8Linear.from_float(lin)
+                    value, gate = F.linear(xd, w, lin.bias).chunk(2, dim=-1)
+                    ok = ok and torch.allclose(fast_int8(geglu)(inp), value * F.gelu(gate), atol=1e-4)
             return ok
     except (RuntimeError, TypeError, ValueError):
         return False

@@ -103,15 +103,17 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 
 # Fast mode on CUDA compiles the UNet with torch.compile. "unet": the whole call is traced into
 # one graph. "blocks": each ResBlock and SpatialTransformer is compiled alone; blocks of equal
-# shapes share one compiled graph (18 graphs for SD v1's 38 blocks) and the glue between them
-# runs eager under the CUDA graph. CPU proxy (SD v1.5 UNet, 256x256, inductor, empty caches):
-# first call 85 s whole vs 63-64 s by blocks. Not yet measured on a GPU (warm-up and per-call
-# speed: `bash benchmarks/device_run.sh warmup1024`), so "unet" stays the default.
+# shapes share one compiled graph (20 graphs for SD v1's 38 blocks under the paired guidance
+# call) and the glue between them runs eager under the CUDA graph. CPU proxy (SD v1.5 UNet,
+# 256x256, inductor, empty caches; benchmarks/compile_time.py): first call 80.1 s whole vs 67.8 s
+# by blocks. Not yet measured on a GPU (warm-up and per-call speed: `bash
+# benchmarks/device_run.sh warmup1024`), so "unet" stays the default.
 FAST_COMPILE_SCOPES = ("unet", "blocks")
 FAST_COMPILE_SCOPE = "unet"
-# Dynamo keeps this many compiled versions per function; "blocks" needs one per distinct block
-# shape (14 for SD v1's ResBlock.forward, 4 for SpatialTransformer.forward), above its default of 8.
-BLOCK_RECOMPILE_LIMIT = 64
+# Dynamo keeps this many compiled versions per function (default 8: the whole UNet compiles for
+# up to 8 image sizes). "blocks" needs one per distinct block shape per size (SD v1: 15 for
+# ResBlock.forward, 5 for SpatialTransformer.forward), so 8 sizes need 120.
+BLOCK_RECOMPILE_LIMIT = 128
 
 MEMORY_MODES = ("normal", "low", "high")
 QUANTIZE_MODES = ("none", "int8")

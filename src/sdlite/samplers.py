@@ -39,7 +39,7 @@ DISCRETE = ("plms", "ddim")
 class Denoiser:
     """Adapts an eps-predicting UNet `eps_fn(x_vp, t, context)` to k-diffusion's `model(x, sigma)`.
 
-    `t` reaches eps_fn as a float32 (B,) tensor on x's device (2B with guidance): the exact
+    `t` reaches eps_fn as a float32 tensor on x's device, one per latent it gets: the exact
     integer for a sigma of the training table, otherwise interpolated by `interpolation`
     ("log" k-diffusion, "linear" or "log_rounded": see timestep_interpolation).
     With guidance in one call (`cfg_batch`), `pairs_contexts=True` passes the latents once with

@@ -165,11 +165,11 @@ def paired(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 class UNetModel(nn.Module):
-    """eps-prediction UNet: (x (B,C,h,w), t (B,), context (B,77,768)) -> eps (B,4,h,w).
+    """eps-prediction UNet: (x (B,C,h,w), t (B,) or (), context (k*B,77,768)) -> eps (k*B,4,h,w).
 
-    The context may hold k contexts per latent instead, (k*B, 77, 768) ordered as k groups of B
-    (classifier-free guidance's [uncond, cond]: k = 2); the result is then (k*B, 4, h, w), what
-    x repeated k times would give. The layers before the first cross-attention (the input
+    k = 1: one context per latent. k > 1: k contexts per latent, ordered as k groups of B
+    (classifier-free guidance's [uncond, cond]: k = 2), and the result is what x repeated k
+    times would give. The layers before the first cross-attention (the input
     convolution, the first ResBlock, the first self-attention) do not read the context, so they
     run once per latent instead of once per pair; the first cross-attention widens the batch.
     """
@@ -210,9 +210,11 @@ class UNetModel(nn.Module):
         return self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if context.shape[0] % x.shape[0]:
+        if t.ndim == 0 or t.shape[0] == 1:
+            t = t.reshape(1).expand(x.shape[0])
+        if t.shape[0] != x.shape[0]:
+            raise ValueError(f"timestep batch {t.shape[0]} is neither 1 nor the latents' {x.shape[0]}")
+        if context.shape[0] % x.shape[0]:  # paired() relies on this
             raise ValueError(f"context batch {context.shape[0]} is not a multiple of the latents' {x.shape[0]}")
         emb = self.time_embedding(t, x.dtype)
         skips = []
