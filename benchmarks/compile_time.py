@@ -87,9 +87,9 @@ def build(impl: str, scope: str, device: str, dtype):
         unet = build_model("unet", SD_V1)
     unet = unet.to_empty(device="cpu")
     randomize_(unet, torch.Generator().manual_seed(0))
-    unet = compile_unet(unet.to(device, dtype).eval().to(memory_format=torch.channels_last), scope)
-    # as sdlite's pipeline calls it for guidance: the latent once, with both contexts
-    return lambda x, t, c: unet(x[: x.shape[0] // 2], t[: t.shape[0] // 2], c)
+    from speed import paired_call  # this script's folder is on sys.path
+
+    return paired_call(compile_unet(unet.to(device, dtype).eval().to(memory_format=torch.channels_last), scope))
 
 
 def run_child(impl, scope, device, size, cache: Path) -> dict:

@@ -60,8 +60,10 @@ def main(argv=None) -> int:
     c = torch.randn(2, 77, 768, generator=g)
     for variant in args.variants.split(","):
         unet = build(variant, path, config)
-        if variant != "diffusers":  # as sdlite's pipeline calls it: the latent once, both contexts
-            unet = (lambda u: lambda x, t, c: u(x[:1], t[:1], c))(unet)
+        if variant != "diffusers":
+            from speed import paired_call
+
+            unet = paired_call(unet)
         with torch.inference_mode():
             unet(x, t, c)  # warm: packing, allocator
             t0 = time.perf_counter()

@@ -67,6 +67,13 @@ def unet_flops(unet, x, t, c) -> int:
     return counter.get_total_flops()
 
 
+def paired_call(unet):
+    """sdlite's UNet called with a CFG batch (x, t, c of batch 2B) as its pipeline calls it for
+    guidance: the latents once, with both contexts (the layers before the first cross-attention
+    run once; unet.UNetModel). The same output as the batch-2B call."""
+    return lambda x, t, c: unet(x[: x.shape[0] // 2], t[: t.shape[0] // 2], c)
+
+
 def sd_unet_flops(size: int) -> dict[str, int]:
     """FLOPs of one SD v1 UNet call at size x size, counted on the meta device: "batch2", the CFG
     batch (diffusers' call), and "paired", one latent with both contexts (sdlite's call)."""
@@ -106,10 +113,7 @@ class SdliteRunner:
             getattr(unet, "unet", unet).to(memory_format=torch.channels_last)
 
     def unet(self):
-        # the call the pipeline makes for guidance: the latent once, with both contexts (the layers
-        # before the first cross-attention run once; UNetModel); the same output as the CFG batch
-        u = self.sd.unet
-        return lambda x, t, c: u(x[: x.shape[0] // 2], t[: t.shape[0] // 2], c)
+        return paired_call(self.sd.unet)
 
     def generate(self, size, steps, seed, callback=None):
         return self.sd.txt2img(PROMPT, NEG, width=size, height=size, steps=steps, sampler="ddim", seed=seed,

@@ -82,7 +82,7 @@ def test_fast_mode_compile_scopes_compute_the_same():
     from torch._dynamo.utils import counters
 
     from sdlite.errors import InputError
-    from sdlite.pipeline import BLOCK_RECOMPILE_LIMIT, compile_unet
+    from sdlite.pipeline import BLOCK_RECOMPILE_LIMIT, compile_unet, recompile_limit_setting
     from sdlite.unet import ResBlock, SpatialTransformer
 
     with torch.device("meta"):
@@ -101,10 +101,9 @@ def test_fast_mode_compile_scopes_compute_the_same():
         expect = ref(x, t, c), ref(x[:1], t[:1], c)
     for h in hooks:
         h.remove()
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    config, name = recompile_limit_setting()
     limit = getattr(config, name)
-    setattr(config, name, 4)  # below the number of distinct block shapes here, as 8 is below SD's 18
+    setattr(config, name, 4)  # below the number of distinct block shapes here, as 8 is below SD v1's 20
     try:
         _compare_scopes(ref, len(blocks), len(shapes), expect, x, t, c, counters)
         assert getattr(config, name) == BLOCK_RECOMPILE_LIMIT  # raised for "blocks"
@@ -149,10 +148,9 @@ def _compare_scopes(ref, blocks, shapes, expect, x, t, c, counters):
 def _call_in_thread(unet, x, t, c):
     import threading
 
-    import torch._dynamo
+    from sdlite.pipeline import recompile_limit_setting
 
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    config, name = recompile_limit_setting()
     result = {}
 
     def run():

@@ -99,6 +99,12 @@ def _release(module: nn.Module) -> None:
     module.weight = nn.Parameter(torch.empty(0, dtype=torch.int8), requires_grad=False)
 
 
+def _qlinear(q, scale, zp, packed, weight_scale, zero_points, bias, post_op="none", algorithm=""):
+    """oneDNN's uint8 x int8 linear with float32 output (bias added, optional unary post-op)."""
+    return torch.ops.onednn.qlinear_pointwise(q, scale, zp, packed, weight_scale, zero_points, bias, 1.0, 0,
+                                              torch.float32, post_op, [], algorithm)
+
+
 class FastInt8Linear(Int8Linear):
     packed: torch.Tensor
     zero_points: torch.Tensor
@@ -110,8 +116,7 @@ class FastInt8Linear(Int8Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale, zp, finite = quantize_input(x)
-        y = torch.ops.onednn.qlinear_pointwise(q, scale, zp, self.packed, self.weight_scale, self.zero_points,
-                                               self.bias, 1.0, 0, torch.float32, "none", [], "")
+        y = _qlinear(q, scale, zp, self.packed, self.weight_scale, self.zero_points, self.bias)
         return y if finite else y.fill_(float("nan"))
 
 
@@ -162,10 +167,8 @@ class FastInt8GEGLU(GEGLU):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale, zp, finite = quantize_input(x)
         (value_w, value_s, value_b), (gate_w, gate_s, gate_b) = self.halves
-        value = torch.ops.onednn.qlinear_pointwise(q, scale, zp, value_w, value_s, self.zero_points, value_b,
-                                                   1.0, 0, torch.float32, "none", [], "")
-        gate = torch.ops.onednn.qlinear_pointwise(q, scale, zp, gate_w, gate_s, self.zero_points, gate_b,
-                                                  1.0, 0, torch.float32, "gelu", [], "none")
+        value = _qlinear(q, scale, zp, value_w, value_s, self.zero_points, value_b)
+        gate = _qlinear(q, scale, zp, gate_w, gate_s, self.zero_points, gate_b, "gelu", "none")  # erf GELU
         return value.mul_(gate) if finite else value.fill_(float("nan"))
 
 

@@ -151,11 +151,16 @@ def compile_unet(unet: torch.nn.Module, scope: str = "unet") -> torch.nn.Module:
     return unet
 
 
-def _raise_recompile_limit() -> None:
-    """Lift dynamo's recompile limit (in this thread, on torch >= 2.12) to BLOCK_RECOMPILE_LIMIT."""
+def recompile_limit_setting() -> tuple[object, str]:
+    """(dynamo's config, the name of its recompile limit: "cache_size_limit" before torch 2.6)."""
     from torch._dynamo import config
 
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+
+
+def _raise_recompile_limit() -> None:
+    """Lift dynamo's recompile limit (in this thread, on torch >= 2.12) to BLOCK_RECOMPILE_LIMIT."""
+    config, name = recompile_limit_setting()
     if getattr(config, name) < BLOCK_RECOMPILE_LIMIT:
         setattr(config, name, BLOCK_RECOMPILE_LIMIT)
 
