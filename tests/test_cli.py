@@ -250,8 +250,10 @@ def test_fast_mode_on_cuda_says_the_first_step_compiles(capsys, tiny_file, tmp_p
     # the note's condition, as fast mode on a CUDA device would set it (no GPU here)
     monkeypatch.setattr(pipeline.StableDiffusion, "compiles_unet", property(lambda self: self.fast))
     monkeypatch.setattr(pipeline.StableDiffusion, "_speed_up", lambda self, unet: unet)  # no compile on the CPU
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))
     rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--fast", "-o", tmp_path)
     assert rc == 0 and "fast mode: the first step at each image size compiles the UNet" in err, err
+    assert f"the compiled kernels are kept in {tmp_path / 'compiled'}" in err, err  # where they are
 
 
 # ------------------------------------------------------------------ img2img, inpaint, VAE

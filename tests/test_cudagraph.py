@@ -170,3 +170,78 @@ def _call_in_thread(unet, x, t, c):
     if "error" in result:
         raise result["error"]
     return result["out"]
+
+
+_COMPILE_IN_A_FRESH_PROCESS = """
+import json, torch
+import torch._dynamo  # as any earlier torch.compile would: sets TORCHINDUCTOR_CACHE_DIR to torch's default
+from torch._dynamo.utils import counters
+from sdlite.pipeline import persistent_compile_cache
+folder = persistent_compile_cache()
+f = torch.compile(lambda x: torch.nn.functional.silu(x) * 2 + 1, dynamic=False)
+x = torch.linspace(-3, 3, 16).reshape(4, 4)
+err = (f(x) - (torch.nn.functional.silu(x) * 2 + 1)).abs().max().item()
+print(json.dumps({"folder": str(folder), "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"], "err": err}))
+"""
+
+
+def test_fast_mode_compile_cache_outlives_the_process_in_sdlites_cache_folder(tmp_path):
+    """torch.compile's cache goes to ~/.cache/sdlite/torch-compile (here $XDG_CACHE_HOME/sdlite/...)
+    rather than torch's temp folder (emptied at boot on most Linux systems), even after dynamo's
+    import has set TORCHINDUCTOR_CACHE_DIR to that default: a second process finds the compiled
+    graph there instead of compiling it again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    folder = tmp_path / "xdg" / "sdlite" / "torch-compile"
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _COMPILE_IN_A_FRESH_PROCESS], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert [r["folder"] for r in runs] == [str(folder)] * 2
+    assert runs[0]["misses"] >= 1 and runs[0]["hits"] == 0, runs  # compiled, into the folder
+    assert runs[1]["hits"] >= 1 and runs[1]["misses"] == 0, runs  # found there by the next process
+    assert all(r["err"] < 1e-6 for r in runs), runs
+    assert any((folder / "fxgraph").iterdir())
+
+
+def test_compile_cache_respects_the_users_folder_and_an_unwritable_home(tmp_path, monkeypatch):
+    import os
+
+    from sdlite import pipeline
+
+    mine = str(tmp_path / "mine")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", mine)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert pipeline.persistent_compile_cache() is None
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == mine and not (tmp_path / "xdg").exists()
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # the folder cannot be made
+    assert pipeline.persistent_compile_cache() is None
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # torch's default then
+
+
+def test_fast_mode_on_cuda_compiles_into_the_persistent_cache(tiny, tmp_path, monkeypatch):
+    """The pipeline's compile path (fast mode on CUDA, its condition forced here) sets the cache
+    folder before it compiles."""
+    import os
+
+    from sdlite import pipeline
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(pipeline.StableDiffusion, "compiles_unet", property(lambda self: True))
+    seen = []
+    monkeypatch.setattr(pipeline, "compile_unet",
+                        lambda unet, scope: seen.append((os.environ.get("TORCHINDUCTOR_CACHE_DIR"), scope)))
+    pipeline.StableDiffusion(tiny.folder, cuda_graphs=False)  # loads and speeds up the UNet
+    assert seen == [(str(tmp_path / "sdlite" / "torch-compile"), pipeline.FAST_COMPILE_SCOPE)]

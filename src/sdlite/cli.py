@@ -587,8 +587,9 @@ def generate(model: Model, run: Run, ui: UI) -> list[Path]:
             + (f", {run.width}x{run.height}" if run.width else "")
             + (f", strength {run.strength:g}" if run.strength is not None else ""))
     if model.sd.compiles_unet:
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's temp folder")
         ui.note("fast mode: the first step at each image size compiles the UNet (about a minute the first "
-                "time; torch keeps the compiled kernels in its on-disk cache, so later runs start sooner)")
+                f"time; the compiled kernels are kept in {cache}, so later runs start sooner)")
     paths = []
     index = meta.next_index(run.outdir)
     for n, prompt in enumerate(run.prompts):
