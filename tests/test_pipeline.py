@@ -132,7 +132,9 @@ def test_img2img_matches_diffusers(tiny, tiny_sd, sampler):
     assert res.params[0]["strength"] == 0.6
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+# Heun's predictor and PLMS's look-ahead are model evaluations between steps; diffusers' schedulers
+# take them as steps, after which its pipeline blends the known region back in.
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "plms"])
 def test_inpaint_ordinary_checkpoint_matches_diffusers(tiny, tiny_sd, sampler):
     from diffusers import StableDiffusionInpaintPipeline
 
@@ -142,6 +144,23 @@ def test_inpaint_ordinary_checkpoint_matches_diffusers(tiny, tiny_sd, sampler):
                                  guidance_scale=7.5)
     res = tiny_sd.inpaint(PROMPT, init, mask, steps=4, sampler=sampler, seed=42)
     compare(res, ref_lat, ref_img, f"inpaint 4-channel {sampler}")
+
+
+def test_inpaint_ordinary_checkpoint_callback_sees_and_can_replace_the_blended_latents(tiny_sd):
+    """The user's callback runs after the known region is put back, and latents it returns
+    replace the step's, as in the other modes."""
+    init, mask = make_image(32, 32, 1), make_mask(32, 32)
+    seen = []
+
+    def callback(step, total, x):
+        seen.append((step, total, x.clone()))
+        return torch.zeros_like(x) if step == total else None
+
+    res = tiny_sd.inpaint(PROMPT, init, mask, steps=3, sampler="euler", seed=42, callback=callback)
+    plain = tiny_sd.inpaint(PROMPT, init, mask, steps=3, sampler="euler", seed=42)
+    assert [s[:2] for s in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert torch.equal(seen[-1][2], plain.latents)  # the blended final latents
+    assert not res.latents.any()  # replaced by the callback's
 
 
 @pytest.mark.parametrize("sampler,prompt,strength", [("ddim", PROMPT, 1.0), ("plms", "", 1.0),
@@ -252,6 +271,46 @@ def test_bad_sizes_steps_strength_and_images(tiny_sd, tmp_path):
         tiny_sd.inpaint(PROMPT, make_image())
     with pytest.raises(InputError, match="no pure green"):
         tiny_sd.inpaint(PROMPT, make_image(), green_mask=True)
+
+
+def test_bad_prompts_options_and_image_types_are_clear_errors(tiny_sd):
+    """Wrong types get one-line InputErrors before any work, not a TypeError from deep inside,
+    and options a sampler would ignore are refused rather than silently dropped."""
+    import numpy as np
+
+    for kw, msg in ((dict(prompt=None), "prompt must be a string or a non-empty list of strings, got None"),
+                    (dict(prompt=123), "prompt must be .* got 123"), (dict(prompt=[]), "prompt must be"),
+                    (dict(prompt=["a", 2]), "prompt must be"),
+                    (dict(negative_prompt=5), "negative prompt must be None, a string or"),
+                    (dict(prompt=["a", "b"], batch_size=3), "batch_size applies to one prompt string"),
+                    (dict(sampler="euler", eta=0.5), "eta applies to the ddim and euler_a samplers, not 'euler'"),
+                    (dict(sampler="plms", eta=0.0), "eta applies"),
+                    (dict(karras="no"), "karras must be True or False"),
+                    (dict(guidance_scale=True), "guidance scale must be a finite number")):
+        kw = {"prompt": PROMPT, **kw}
+        with pytest.raises(InputError, match=msg):
+            tiny_sd.txt2img(kw.pop("prompt"), width=32, height=32, steps=1, **kw)
+    with pytest.raises(InputError, match="strength must be in"):
+        tiny_sd.img2img(PROMPT, make_image(), strength=True, steps=2)
+    array = np.zeros((32, 32, 3), dtype=np.uint8)
+    with pytest.raises(InputError, match="init image must be a PIL image or a file path, got ndarray"):
+        tiny_sd.img2img(PROMPT, array, steps=2)
+    with pytest.raises(InputError, match="mask image must be a PIL image or a file path, got Tensor"):
+        tiny_sd.inpaint(PROMPT, make_image(), torch.zeros(32, 32), steps=2)
+    # what the checks let through still works: a tuple of prompts, eta where it applies
+    res = tiny_sd.txt2img(("a", "b"), ("c", "d"), width=32, height=32, steps=1, sampler="ddim", eta=0.5)
+    assert [p["prompt"] for p in res.params] == ["a", "b"] and res.params[0]["eta"] == 0.5
+
+
+def test_bad_device_and_dtype_are_clear_errors(tiny):
+    for kw, msg in ((dict(device="gpu"), "unknown device 'gpu'"), (dict(device=3.5), "unknown device 3.5"),
+                    (dict(dtype="float16"), "dtype must be torch.float32, torch.float16 or torch.bfloat16"),
+                    (dict(dtype=torch.int8), "dtype must be")):
+        with pytest.raises(InputError, match=msg):
+            StableDiffusion(tiny.folder, **kw)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="device 'cuda': CUDA is not available"):
+            StableDiffusion(tiny.folder, device="cuda")
 
 
 def test_inpainting_checkpoint_refuses_txt2img(tiny_inpaint_sd):

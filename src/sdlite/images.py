@@ -16,6 +16,8 @@ def load_image(source: str | os.PathLike | Image.Image, what: str = "image") -> 
     """Open an image file (or pass a PIL image through), fully decoded, or raise InputError."""
     if isinstance(source, Image.Image):
         return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(f"{what} must be a PIL image or a file path, got {type(source).__name__}")
     path = Path(source)
     if not path.is_file():
         raise InputError(f"{what} {path}: no such file")

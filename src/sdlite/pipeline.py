@@ -98,6 +98,34 @@ def _channels_last(requested: bool | None, device: torch.device, quantize: str) 
 LOW_CFG_BATCH_MAX_LATENT = 64 * 64
 
 
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_device(device) -> torch.device:
+    """torch.device(device), or a one-line InputError for a name torch does not know or a
+    device this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {device!r}; e.g. 'cpu', 'cuda', 'cuda:1', 'mps'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r}: CUDA is not available (no NVIDIA GPU, or a CPU-only torch build)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise InputError(f"device {device!r}: Apple MPS is not available on this machine")
+    return dev
+
+
+def _check_dtype(dtype) -> torch.dtype | None:
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise InputError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+    return dtype
+
+
 def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.float16
 
@@ -121,6 +149,7 @@ COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 COMPILE_CACHE_FOLDER = "torch-compile"  # under metadata.cache_dir()
 
 MEMORY_MODES = ("normal", "low", "high")
+ETA_SAMPLERS = ("ddim", "euler_a")  # the samplers that take an eta (the others have no noise to scale)
 QUANTIZE_MODES = ("none", "int8")
 COMPONENT_ATTRS = {"text": "text_encoder", "unet": "unet", "vae": "vae"}
 # Parts of a parked model that go to the device on their own (parameter name prefixes): the
@@ -247,8 +276,8 @@ class StableDiffusion:
             self.attention = setting
         self.quantize, self.vae_tiling = quantize, vae_tiling
         self.checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model, ema=ema)
-        self.device = torch.device(device)
-        self.dtype = dtype or _default_dtype(self.device)
+        self.device = _check_device(device)
+        self.dtype = _check_dtype(dtype) or _default_dtype(self.device)
         self.storage_dtype = None  # set when a reduced compute dtype falls back to float32
         self._check_cpu_dtype()
         self.memory = memory
@@ -462,13 +491,16 @@ class StableDiffusion:
 
     def denoise(self, x: torch.Tensor, sigmas: torch.Tensor, job: _Job, cond: torch.Tensor,
                 uncond: torch.Tensor | None, extra_channels: torch.Tensor | None = None,
-                callback: Callback | None = None) -> torch.Tensor:
-        """Run the sampler from VE latents at sigmas[0]; returns VP latents (float32)."""
+                callback: Callback | None = None, known: _KnownRegion | None = None) -> torch.Tensor:
+        """Run the sampler from VE latents at sigmas[0]; returns VP latents (float32). `known`:
+        an ordinary checkpoint's inpainting keeps the known region at the image."""
         interpolation = samplers.timestep_interpolation(job.sampler, job.karras)
         denoiser = samplers.Denoiser(self._eps, self.alphas_cumprod, interpolation=interpolation,
                                      cfg_batch=self._batches_cfg(x), pairs_contexts=True)
         model = denoiser.bind(cond, uncond, job.guidance_scale, extra_channels)
-        options = {"eta": job.eta} if job.sampler in ("ddim", "euler_a") and job.eta is not None else {}
+        if known is not None:
+            model, callback = known.model(model), known.callback(callback)
+        options = {"eta": job.eta} if job.sampler in ETA_SAMPLERS and job.eta is not None else {}
         with self._stage("unet") as unet, torch.inference_mode():
             if hasattr(unet, "forget_if_weights_moved"):  # CUDA graphs read weights at fixed addresses
                 unet.forget_if_weights_moved()
@@ -526,9 +558,15 @@ class StableDiffusion:
         layers = self.config.text.layers
         if not _is_int(clip_skip) or not 1 <= clip_skip <= layers:
             raise InputError(f"clip_skip must be an integer from 1 to {layers}, got {clip_skip!r}")
+        if not _is_texts(prompt):
+            raise InputError(f"prompt must be a string or a non-empty list of strings, got {_kind(prompt)}")
+        if not isinstance(prompt, str) and batch_size != 1:
+            raise InputError(f"batch_size applies to one prompt string; with a list of {len(prompt)} prompts, "
+                             "repeat them in the list instead")
         prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InputError("prompt must be a string or a non-empty list of strings")
+        if negative_prompt is not None and not _is_texts(negative_prompt):
+            raise InputError("negative prompt must be None, a string or a non-empty list of strings, "
+                             f"got {_kind(negative_prompt)}")
         if isinstance(negative_prompt, str) or negative_prompt is None:
             negatives = [negative_prompt or ""] * len(prompts)
         else:
@@ -537,9 +575,13 @@ class StableDiffusion:
             raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         _check_size(width, height, self.latent_factor)
         schedule.check_steps(steps)
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        if not _is_number(guidance_scale) or not math.isfinite(guidance_scale):
             raise InputError(f"guidance scale must be a finite number, got {guidance_scale!r}")
         samplers.get_sampler(sampler)
+        if not isinstance(karras, bool):
+            raise InputError(f"karras must be True or False, got {karras!r}")
+        if eta is not None and sampler not in ETA_SAMPLERS:
+            raise InputError(f"eta applies to the {' and '.join(ETA_SAMPLERS)} samplers, not {sampler!r}")
         seed = random.randrange(2**32) if seed is None else seed
         if not _is_int(seed) or seed < 0 or seed + len(prompts) - 1 >= 2**64:
             raise InputError(f"seed must be an integer from 0 to 2**64 - {len(prompts)}, got {seed!r}")
@@ -566,7 +608,7 @@ class StableDiffusion:
                  "steps": job.steps, "sampler": job.sampler, "sampler_label": samplers.sampler_label(job.sampler, job.karras),
                  "karras": job.karras, "cfg_scale": job.guidance_scale, "width": job.width, "height": job.height,
                  "clip_skip": job.clip_skip, "model": self.checkpoint.path.stem, "architecture": self.config.name}
-            if job.eta is not None and job.sampler in ("ddim", "euler_a"):
+            if job.eta is not None and job.sampler in ETA_SAMPLERS:
                 p["eta"] = job.eta
             params.append({**p, **extra})
         return Result(pictures, params, latents)
@@ -645,8 +687,8 @@ class StableDiffusion:
             extra = torch.cat([small, masked], dim=1).to(self.device)
             latents = self.denoise(x.to(self.device), sigmas, job, cond, uncond, extra, callback=callback)
         else:
-            blend = _blender(init, noise, small, sigmas, callback)
-            latents = self.denoise(x.to(self.device), sigmas, job, cond, uncond, callback=blend)
+            known = _KnownRegion(init, noise, small, sigmas)
+            latents = self.denoise(x.to(self.device), sigmas, job, cond, uncond, callback=callback, known=known)
         return self._finish(latents, job, "inpaint", {"strength": strength})
 
     def _image_job(self, init_image, prompt, negative_prompt, width, height, steps, guidance_scale, sampler,
@@ -728,6 +770,19 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_texts(v) -> bool:
+    """A string, or a non-empty list/tuple of strings."""
+    return isinstance(v, str) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(p, str) for p in v))
+
+
+def _kind(v) -> str:
+    return repr(v) if v is None or isinstance(v, (int, float)) else type(v).__name__
+
+
 def _check_size(width, height, factor: int) -> None:
     for name, v in (("width", width), ("height", height)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -738,7 +793,7 @@ def _check_size(width, height, factor: int) -> None:
 
 def _truncate(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
     """The reference's img2img truncation: run the last int(steps * strength) steps."""
-    if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+    if not _is_number(strength) or not 0 < strength <= 1:
         raise InputError(f"strength must be in (0, 1], got {strength!r}")
     run = min(int(steps * strength), steps)
     if run < 1:
@@ -756,19 +811,40 @@ def _mask_source(image: Image.Image, mask_image, green: bool) -> Image.Image:
     return imgs.load_image(mask_image, "mask image")
 
 
-def _blender(init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, sigmas: torch.Tensor,
-             callback: Callback | None):
-    """Post-step callback for ordinary checkpoints: keep the known region at the image, noised to
-    the next sigma (clean after the last step), as diffusers' inpainting pipeline does."""
-    def blend(step: int, total: int, x: torch.Tensor) -> torch.Tensor:
-        sigma = sigmas[step]
-        if step < total:
-            known = init + noise * sigma  # the image noised to the sigma just reached (VE scaling)
-        else:
-            known = samplers.to_ve(init, sigma)  # diffusers blends the clean latents in VP scaling
-        m = mask.to(x.device)
-        x = (1 - m) * known.to(x.device) + m * x
-        if callback is not None:
-            callback(step, total, x)
-        return x
-    return blend
+@dataclass
+class _KnownRegion:
+    """Inpainting with an ordinary checkpoint: the known region (mask 0) is kept at the image,
+    noised to the sigma the latents are at, as diffusers' pipeline does after every scheduler
+    step: after each of ours, and before each model evaluation between steps (Heun's predictor,
+    PLMS's look-ahead), which diffusers' schedulers take as steps of their own. The mask is 0/1,
+    so blending latents that were already blended changes nothing."""
+
+    init: torch.Tensor  # (B, 4, h, w) VP latents of the image
+    noise: torch.Tensor  # (B, 4, h, w) the noise x_T was drawn from
+    mask: torch.Tensor  # (B, 1, h, w) 0/1, 1 = repaint
+    sigmas: torch.Tensor
+
+    def blend(self, x: torch.Tensor, sigma, last: bool = False) -> torch.Tensor:
+        # the image noised to `sigma` (VE scaling); after the last step diffusers blends the
+        # clean latents in VP scaling
+        known = samplers.to_ve(self.init, sigma) if last else self.init + self.noise * sigma
+        m = self.mask.to(x.device)
+        return (1 - m) * known.to(x.device) + m * x
+
+    def model(self, model):
+        """`model(x, sigma)` that blends first, except at the start (diffusers does not blend x_T)."""
+        first = float(self.sigmas[0])
+
+        def blended(x, sigma, *args, **kwargs):
+            if float(sigma) != first:
+                x = self.blend(x, sigma)
+            return model(x, sigma, *args, **kwargs)
+        return blended
+
+    def callback(self, callback: Callback | None) -> Callback:
+        """The post-step blend, then the user's callback (whose returned latents replace x)."""
+        def after_step(step: int, total: int, x: torch.Tensor) -> torch.Tensor:
+            x = self.blend(x, self.sigmas[step], last=step == total)
+            out = callback(step, total, x) if callback is not None else None
+            return x if out is None else out
+        return after_step
