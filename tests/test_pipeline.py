@@ -273,6 +273,17 @@ def test_bad_sizes_steps_strength_and_images(tiny_sd, tmp_path):
         tiny_sd.inpaint(PROMPT, make_image(), green_mask=True)
 
 
+def test_guidance_below_one_follows_the_compvis_rule(tiny_sd):
+    """uncond + 0 * (cond - uncond) = the negative prompt's prediction: CFG 0 with negative N
+    gives the image of prompt N without guidance (diffusers would drop guidance instead)."""
+    kw = dict(width=32, height=32, steps=3, sampler="euler", seed=5)
+    zero = tiny_sd.txt2img(PROMPT, "a red square", guidance_scale=0.0, **kw)
+    negative_alone = tiny_sd.txt2img("a red square", guidance_scale=1.0, **kw)
+    prompt_alone = tiny_sd.txt2img(PROMPT, guidance_scale=1.0, **kw)
+    assert_close(zero.latents, negative_alone.latents, rel=1e-5, what="CFG 0 vs the negative prompt alone")
+    assert (zero.latents - prompt_alone.latents).abs().max() > 1e-2  # not the prompt's image
+
+
 def test_bad_prompts_options_and_image_types_are_clear_errors(tiny_sd):
     """Wrong types get one-line InputErrors before any work, not a TypeError from deep inside,
     and options a sampler would ignore are refused rather than silently dropped."""
