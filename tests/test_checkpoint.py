@@ -244,6 +244,11 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+def test_ema_requested_from_a_pruned_file_says_so(tiny_single):
+    with pytest.raises(CheckpointError, match="EMA weights requested, but this file has none .*without --ema"):
+        open_checkpoint(tiny_single, ema=True)
+
+
 def test_truncated_and_corrupt_files(tiny_single, tmp_path):
     data = tiny_single.read_bytes()
     cut = tmp_path / "cut.safetensors"
@@ -263,6 +268,14 @@ def test_truncated_and_corrupt_files(tiny_single, tmp_path):
     ck.write_bytes(ck.read_bytes()[:300])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         open_checkpoint(ck)
+    # not checkpoints at all: called that, not "unsafe" (the unpickler's words for junk)
+    for name, head, hint in (("page.ckpt", b"<!DOCTYPE html><html><body>404</body></html>", "a web page"),
+                             ("lfs.ckpt", b"version https://git-lfs.github.com/spec/v1\noid sha256:ab", "git-lfs"),
+                             ("photo.ckpt", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(100), "another kind"),
+                             ("empty.ckpt", b"", "an empty file")):
+        (tmp_path / name).write_bytes(head)
+        with pytest.raises(CheckpointError, match=f"not a PyTorch checkpoint .*{hint}"):
+            open_checkpoint(tmp_path / name)
 
 
 def _write(tmp_path, name, tensors):

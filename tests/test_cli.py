@@ -622,3 +622,77 @@ def test_convert_int8_info_and_generate_with_memory_options(capsys, tiny_file, t
     assert rc == 0, err
     rc, _, err = run(capsys, "txt2img", "a cat", "--model", str(tiny_file), "--attention", "flash")
     assert rc == 2 and "flash" in err
+
+
+# ------------------------------------------------------------------ review fixes (stop 17)
+
+
+def _with_parameters(src: Path, dst: Path, edit) -> Path:
+    from PIL import PngImagePlugin
+
+    text = Image.open(src).info["parameters"]
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", edit(text))
+    Image.open(src).save(dst, pnginfo=info)
+    return dst
+
+
+def test_old_8_digit_model_hash_is_recognised(capsys, tiny_file, tmp_path):
+    """Images from A1111 before 2023 carry an 8-digit hash (SHA-256 of the 64 KiB at 1 MiB):
+    the same file must not get the "image will differ" note, another file must."""
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--seed", 3, "-o", tmp_path / "a")
+    assert rc == 0, err
+    [png] = pngs(tmp_path / "a")
+    with open(tiny_file, "rb") as f:
+        f.seek(0x100000)
+        old = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    assert meta.legacy_model_hash(tiny_file) == old
+    for hash_, differs in ((old, False), ("0123abcd", True)):
+        src = _with_parameters(png, tmp_path / f"{hash_}.png",
+                               lambda t, h=hash_: re.sub(r"Model hash: \w+", f"Model hash: {h}", t))
+        rc, _, err = run(capsys, "txt2img", "--params-from", src, "-m", tiny_file, "-o", tmp_path / "b")
+        assert rc == 0, err
+        assert ("the image will differ" in err) == differs, err
+
+
+def test_bad_values_from_an_image_or_flags_fail_before_the_model_loads(capsys, tiny_file, tmp_path):
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--seed", 3, "-o", tmp_path / "a")
+    assert rc == 0, err
+    [png] = pngs(tmp_path / "a")
+    cases = {"Seed: -5": "seed must be from 0", "Seed: 99999999999999999999": "seed must be from 0",
+             "CFG scale: nan": "CFG scale must be a finite number"}
+    for field, msg in cases.items():
+        key = field.split(":")[0]
+        src = _with_parameters(png, tmp_path / "p.png", lambda t: re.sub(rf"{key}: [^,]+", field, t))
+        rc, _, err = run(capsys, "txt2img", "--params-from", src, "-m", tiny_file, "-o", tmp_path / "b")
+        assert rc == 2 and msg in err and "loaded" not in err, (field, err)
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--clip-skip", 13, "-o", tmp_path / "b")
+    assert rc == 2 and "clip skip must be from 1 to 12" in err and "loaded" not in err, err
+    Image.new("RGB", (7, 7)).save(tmp_path / "tiny.png")
+    rc, _, err = run(capsys, "img2img", "x", "-i", tmp_path / "tiny.png", "-m", tiny_file, "--steps", 2,
+                     "-o", tmp_path / "b")  # no size given: the image's own, rounded down to 8, is 0x0
+    assert rc == 2 and "too small" in err and "loaded" not in err, err
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--seed", 2**64 - 1, "-o", tmp_path / "c")
+    assert rc == 0, err  # the largest seed, as in the Python API
+
+
+def test_home_folder_paths_and_dot_as_model_name(capsys, tiny, tiny_file, tmp_path, monkeypatch):
+    import shutil
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    (home / "prompts.txt").write_text("a cat\n")
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(home / "init.png")
+    rc, _, err = run(capsys, "img2img", "--from-file", "~/prompts.txt", "-i", "~/init.png", "-m", tiny_file, *FAST,
+                     "-o", tmp_path / "a")
+    assert rc == 0, err
+    [png] = pngs(tmp_path / "a")
+    shutil.copy(png, home / "made.png")
+    rc, _, err = run(capsys, "img2img", "--params-from", "~/made.png", "-i", "~/init.png", "-m", tiny_file,
+                     "-o", tmp_path / "b")
+    assert rc == 0, err
+    folder = tmp_path / "my-model"
+    shutil.copytree(tiny.folder, folder)
+    monkeypatch.chdir(folder)
+    assert meta.model_name(".") == "my-model" and meta.model_name("./") == "my-model"

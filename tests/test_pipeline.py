@@ -343,6 +343,30 @@ def test_any_image_mode_and_odd_size_init_image(tiny_sd):
     assert res.images[0].size == (32, 24) and res.images[0].mode == "RGB"
 
 
+def test_init_image_files_are_read_upright_and_16_bit_scaled(tiny_sd, tmp_path):
+    """A phone photo's EXIF orientation is applied (as diffusers' load_image does), and 16-bit
+    greyscale PNGs are scaled to 8 bits, not clipped to white by PIL's conversion."""
+    from sdlite import images as imgs
+
+    photo = Image.new("RGB", (80, 48), (10, 200, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    assert imgs.load_image(tmp_path / "phone.jpg").size == (48, 80)
+    res = tiny_sd.img2img(PROMPT, tmp_path / "phone.jpg", steps=2, strength=1.0, seed=1)
+    assert res.images[0].size == (48, 80)
+
+    ramp = (np.arange(64 * 8, dtype=np.uint16).reshape(8, 64) * 128)  # 0 .. 65408
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    g16 = imgs.load_image(tmp_path / "g16.png")
+    assert g16.mode.startswith("I")
+    got = imgs.to_tensor(g16)[0, 0]
+    want = torch.from_numpy(np.round(ramp / 257.0).astype(np.float32)) / 255.0 * 2 - 1
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    mask = imgs.mask_to_tensor(g16, 64, 8)[0, 0]
+    assert torch.equal(mask, torch.from_numpy((np.round(ramp / 257.0) / 255.0 >= 0.5).astype(np.float32)))
+
+
 def test_nan_latents_are_an_error_not_a_black_image(tiny_sd, monkeypatch):
     from sdlite.errors import SdliteError
 

@@ -256,12 +256,15 @@ def _normalize_text_keys(tensors: dict) -> dict:
 def _select_ema(tensors: dict, path: Path) -> dict:
     """Replace the UNet weights by their EMA copies (CompVis LitEma names drop the dots)."""
     prefix = PREFIXES["unet"]
+    if not any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates") for k in tensors):
+        raise CheckpointError(f"{path}: EMA weights requested, but this file has none (no model_ema.* weights; "
+                              "it is probably pruned to one set): load it without --ema / ema=True")
     out = dict(tensors)
     for k in tensors:
         if k.startswith(prefix):
             ema_key = "model_ema." + ("diffusion_model." + k[len(prefix):]).replace(".", "")
             if ema_key not in tensors:
-                raise CheckpointError(f"{path}: EMA weights requested but the file has none (no {ema_key})")
+                raise CheckpointError(f"{path}: EMA weights requested but the file's are incomplete (no {ema_key})")
             out[k] = tensors[ema_key]
     return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import random
 import sys
@@ -28,6 +29,7 @@ DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16":
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # --channels-last, --cfg-batch
 MAX_SEED = 2**32  # random seeds are drawn below this, like A1111
+MAX_CLIP_SKIP = 12  # SD v1's text encoder has 12 layers (a smaller model is checked once loaded)
 
 # CompVis script defaults (txt2img: PLMS, 50 steps, 7.5, 512x512; img2img: DDIM, strength 0.75).
 DEFAULTS = {
@@ -136,8 +138,8 @@ def _seed(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if value < -1 or value >= 2**63:
-        raise argparse.ArgumentTypeError(f"seed must be between 0 and 2^63 - 1 (-1 = random), got {text!r}")
+    if value < -1 or value >= 2**64:
+        raise argparse.ArgumentTypeError(f"seed must be between 0 and 2^64 - 1 (-1 = random), got {text!r}")
     return value
 
 
@@ -266,7 +268,7 @@ def _generation_parent() -> argparse.ArgumentParser:
     g.add_argument("--attention-chunk", type=_positive_int, metavar="N",
                    help="block size of chunked attention (query rows and key columns; default 1024)")
     g.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
-                   help="decode/encode the VAE in overlapping tiles: auto = above 768 px a side or on out-of-memory "
+                   help="decode/encode the VAE in overlapping tiles: auto = above 768x768 in area or on out-of-memory "
                         "(below that, large decodes run in exact row bands); off = plain one-call decode")
     g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="UNet convolutions in NHWC layout (CUDA only): auto = on for float weights on CUDA")
@@ -412,7 +414,7 @@ class Model:
 
 def cmd_generate(args, ui: UI) -> int:
     run = resolve_run(args)
-    resolve_model_path(args.model)
+    model_path = resolve_model_path(args.model)
     resolve_device(args.device)
     run.outdir = meta.check_outdir(run.outdir)
     model = load_model(args.model, args.vae, args.device, args.dtype, ui, memory=args.memory,
@@ -421,7 +423,7 @@ def cmd_generate(args, ui: UI) -> int:
                        channels_last=AUTO_ON_OFF[args.channels_last], cfg_batch=AUTO_ON_OFF[args.cfg_batch])
     if model.sd.is_inpainting_model and run.mode != "inpaint":
         raise InputError(f"{model.name} is an inpainting checkpoint (9-channel UNet): use 'sdlite inpaint'")
-    if run.expected_hash and model.hash and run.expected_hash != model.hash:
+    if run.expected_hash and model.hash and not meta.same_model_hash(run.expected_hash, model.hash, model_path):
         ui.note(f"note: {args.params_from} was made with model hash {run.expected_hash}, this model is "
                 f"{model.hash}: the image will differ")
     if run.expected_vae and not args.vae:
@@ -472,7 +474,7 @@ def _prompts(args, params: dict) -> list[str]:
     if args.from_file and args.prompt is not None:
         raise InputError("give a PROMPT or --from-file, not both")
     if args.from_file:
-        path = Path(args.from_file)
+        path = Path(args.from_file).expanduser()
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
@@ -507,8 +509,12 @@ def _validate(run: Run) -> None:
             raise InputError(f"strength must be in (0, 1], got {run.strength}")
         if int(run.steps * run.strength) < 1:
             raise InputError(f"strength {run.strength} with {run.steps} steps runs no step; raise --steps or --strength")
-    if run.clip_skip < 1:
-        raise InputError(f"clip skip must be at least 1, got {run.clip_skip}")
+    if not 1 <= run.clip_skip <= MAX_CLIP_SKIP:
+        raise InputError(f"clip skip must be from 1 to {MAX_CLIP_SKIP}, got {run.clip_skip}")
+    if not math.isfinite(run.cfg_scale):
+        raise InputError(f"CFG scale must be a finite number, got {run.cfg_scale}")
+    if not run.random_seed and not 0 <= run.seed <= 2**64 - run.batch_size:
+        raise InputError(f"seed must be from 0 to 2^64 - {run.batch_size} for {run.batch_size} image(s), got {run.seed}")
 
 
 def _load_images(run: Run, args) -> None:
@@ -517,6 +523,8 @@ def _load_images(run: Run, args) -> None:
     if run.mode == "txt2img":
         return
     run.init_image = images.load_image(args.init_image, "init image")
+    if run.width is None or run.height is None:
+        images.default_size(run.init_image)  # too small: fails now, not after loading the model
     if run.mode == "inpaint":
         run.green_mask = bool(args.green_mask)
         run.mask_image = None if args.green_mask else images.load_image(args.mask, "mask image")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -18,13 +18,15 @@ def load_image(source: str | os.PathLike | Image.Image, what: str = "image") -> 
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise InputError(f"{what} must be a PIL image or a file path, got {type(source).__name__}")
-    path = Path(source)
+    path = Path(source).expanduser()
     if not path.is_file():
         raise InputError(f"{what} {path}: no such file")
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            # upright as viewers show it (a phone photo's EXIF orientation), as diffusers' and
+            # A1111's loaders do
+            return ImageOps.exif_transpose(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{what} {path}: cannot read it as an image ({e.__class__.__name__})") from None
 
@@ -45,9 +47,18 @@ def default_size(image: Image.Image) -> tuple[int, int]:
     return w8, h8
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale (PIL modes I;16*, and I as 16-bit PNGs open) scaled to 8 bits ("L"):
+    PIL's own conversion clips every value above 255 to white. Other modes pass through."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    arr = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL image (any mode) -> (1, 3, H, W) float32 in [-1, 1]."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    arr = np.asarray(eight_bit(image).convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
     return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
@@ -62,7 +73,7 @@ def mask_to_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
 
     A mask of another size than the image is resized (a documented automatic fix).
     """
-    gray = resize_for(mask.convert("L"), width, height)
+    gray = resize_for(eight_bit(mask).convert("L"), width, height)
     arr = np.asarray(gray, dtype=np.float32) / 255.0
     return torch.from_numpy((arr >= 0.5).astype(np.float32))[None, None]
 

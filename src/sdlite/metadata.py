@@ -178,7 +178,7 @@ def _sampler_options(info: dict[str, str], source: str) -> dict:
 
 def read_parameters(path: str | os.PathLike) -> str | None:
     """The generation-parameters text of a PNG (`parameters` chunk) or JPEG/WebP (EXIF UserComment)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
         with Image.open(path) as im:
             text = im.info.get(PARAMETERS_KEY)
@@ -247,10 +247,25 @@ def model_hash(path: str | os.PathLike) -> str | None:
     return sha256_file(path)[:10] if path.is_file() else None
 
 
+def legacy_model_hash(path: str | os.PathLike) -> str:
+    """A1111's model hash before 2023: 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def same_model_hash(expected: str, current: str, path: str | os.PathLike) -> bool:
+    """Whether a recorded "Model hash" (the 10-digit one, or the old 8-digit one) names this file."""
+    expected = expected.strip().lower()
+    if len(expected) == 8 and Path(path).expanduser().is_file():
+        return expected == legacy_model_hash(Path(path).expanduser())
+    return expected == current
+
+
 def model_name(path: str | os.PathLike) -> str:
     """The model's name as A1111 writes it: the file name without extension, no ',' or ':'."""
     path = Path(path)
-    name = path.stem if path.is_file() else path.name
+    name = path.stem if path.is_file() else path.resolve().name  # "." names its folder
     return name.replace(",", "").replace(":", "")
 
 

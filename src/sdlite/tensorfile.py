@@ -121,10 +121,34 @@ def _safe_globals() -> list:
     return allowed
 
 
+def _check_pickle_start(path: Path) -> None:
+    """A file that is neither a zip nor starts like a pickle is not a PyTorch checkpoint at all
+    (a web page saved in its place, a git-lfs pointer, an image): say so, rather than let the
+    unpickler call it unsafe."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {e.strerror or e}") from None
+    if head.startswith((b"\x80", b"PK")):  # a pickle (torch's legacy format), a zip cut short
+        return
+    if head.startswith(b"version https://git-lfs"):
+        hint = "a git-lfs pointer, not the file: fetch it with 'git lfs pull'"
+    elif head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        hint = "a web page saved in place of the file: download it again"
+    elif not head:
+        hint = "an empty file"
+    else:
+        hint = "an incomplete download or another kind of file?"
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint (it starts with {head[:24]!r}): {hint}")
+
+
 def load_pickle(path: str | os.PathLike) -> dict:
     """torch.load(weights_only=True), memory-mapped when possible, with one-line errors."""
     path = Path(path)
     is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        _check_pickle_start(path)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
