@@ -312,14 +312,17 @@ def test_default_table_is_within_design_tolerance_of_diffusers():
 
 
 @torch.no_grad()
-def compvis_plms(eps_fn, x, steps, ac):
-    """CompVis PLMSSampler.plms_sampling / p_sample_plms (eta 0, no guidance), written in VP."""
+def compvis_plms(eps_fn, x, steps, ac, skip=0):
+    """CompVis PLMSSampler.plms_sampling / p_sample_plms (eta 0, no guidance), written in VP;
+    `skip` leaves out the first timesteps (x is then at the first one run), history fresh."""
     ts = np.asarray(list(range(0, 1000, 1000 // steps))) + 1
     a = ac[ts]
     a_prev = torch.cat([ac[:1], ac[ts[:-1]]])
     time_range = ts[::-1]
     old_eps = []
     for i, t in enumerate(time_range):
+        if i < skip:
+            continue
         index = len(ts) - i - 1
         t_next = time_range[min(i + 1, len(time_range) - 1)]
 
@@ -358,6 +361,37 @@ def test_pndm_equals_compvis_plms(steps):
     expected = compvis_plms(toy_eps, start_noise(), steps, ac)
     actual = diffusers_run(reference_scheduler("plms"), steps, start_noise())
     assert_matches(actual, expected, f"PNDM vs CompVis PLMS {steps} steps")
+
+
+@pytest.mark.parametrize("steps,strength", [(10, 0.6), (20, 0.5)])
+def test_plms_img2img_is_compvis_plms_from_the_truncation_point(steps, strength):
+    """img2img with PLMS (CompVis' img2img script runs DDIM only): the CompVis PLMS loop over the
+    last int(steps * strength) timesteps, its history fresh, from the image noised to the first.
+    diffusers' PNDM img2img differs: it cuts its timestep list, whose first timestep is doubled
+    for the pseudo improved Euler step, by the step count, so the doubled entry is not where the
+    scheduler's counter expects it (README, "Where diffusers differs")."""
+    from sdlite.pipeline import _truncate
+
+    ac = compvis_alphas_cumprod()
+    init, noise = 0.5 * start_noise(1), start_noise(2)
+    run = int(steps * strength)
+    t0 = (np.asarray(list(range(0, 1000, 1000 // steps))) + 1)[::-1][steps - run]
+    expected = compvis_plms(toy_eps, ac[t0].sqrt() * init + (1 - ac[t0]).sqrt() * noise, steps, ac, skip=steps - run)
+    sigmas = _truncate(samplers.get_sigmas("plms", steps, False, alphas_cumprod=ac), steps, strength)
+    model = samplers.Denoiser(toy_eps, ac).bind(None)
+    with torch.no_grad():
+        actual = samplers.to_vp(samplers.sample_plms(model, init + noise * sigmas[0], sigmas), sigmas[-1])
+    assert_matches(actual, expected, f"plms img2img {steps} steps, strength {strength} vs CompVis loop")
+
+    sched = reference_scheduler("plms")  # diffusers' img2img pipeline's loop, on the same table
+    sched.alphas_cumprod = ac.clone()
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps[steps - run:]
+    x = sched.add_noise(init, noise, timesteps[:1])
+    with torch.no_grad():
+        for t in timesteps:
+            x = sched.step(toy_eps(x, t), t, x).prev_sample
+    assert (x - expected).abs().max() > 100 * TOL * max(1.0, expected.abs().max().item())
 
 
 def test_pndm_single_step_is_not_compvis_plms():
