@@ -249,6 +249,44 @@ def test_ema_requested_from_a_pruned_file_says_so(tiny_single):
         open_checkpoint(tiny_single, ema=True)
 
 
+def _raw_safetensors(path, header: dict, data: bytes, pad: int = 8, n_delta: int = 0):
+    import json
+    import struct
+
+    text = json.dumps(header).encode() + b" " * pad
+    path.write_bytes(struct.pack("<Q", len(text) + n_delta) + text + data)
+    return path
+
+
+def test_safetensors_headers_that_would_shift_or_share_bytes_are_refused(tmp_path):
+    """What the safetensors library refuses, sdlite refuses too, instead of reading shifted or
+    shared bytes: a header length that lands in the padding, overlapping or gapped entries,
+    data past the last tensor, a name given twice, metadata that is not strings."""
+    data = torch.arange(8, dtype=torch.float32).numpy().tobytes()
+    good = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}
+    ok, _ = load_safetensors(_raw_safetensors(tmp_path / "ok.safetensors", good, data))
+    assert ok["b"].tolist() == [4.0, 5.0, 6.0, 7.0]
+    cases = {
+        "short.safetensors": (dict(good), data, -4, "cover 32 bytes of a 36-byte data section"),
+        "overlap.safetensors": ({**good, "b": {"dtype": "F32", "shape": [4], "data_offsets": [12, 28]}}, data[:28], 0,
+                                "starts at byte 12 of the data, expected 16"),
+        "appended.safetensors": (dict(good), data + b"\0" * 4, 0, "cover 32 bytes of a 36-byte"),
+        "meta.safetensors": ({**good, "__metadata__": {"sdlite.format_version": 1}}, data, 0, "corrupt safetensors metadata"),
+    }
+    for name, (header, payload, n_delta, msg) in cases.items():
+        with pytest.raises(CheckpointError, match=msg):
+            load_safetensors(_raw_safetensors(tmp_path / name, header, payload, n_delta=n_delta))
+    twice = tmp_path / "twice.safetensors"
+    text = (b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},'
+            b'"a":{"dtype":"F32","shape":[4],"data_offsets":[16,32]}}')
+    import struct
+
+    twice.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    with pytest.raises(CheckpointError, match="a name appears twice: 'a'"):
+        load_safetensors(twice)
+
+
 def test_truncated_and_corrupt_files(tiny_single, tmp_path):
     data = tiny_single.read_bytes()
     cut = tmp_path / "cut.safetensors"

@@ -696,3 +696,49 @@ def test_home_folder_paths_and_dot_as_model_name(capsys, tiny, tiny_file, tmp_pa
     shutil.copytree(tiny.folder, folder)
     monkeypatch.chdir(folder)
     assert meta.model_name(".") == "my-model" and meta.model_name("./") == "my-model"
+
+
+def test_info_counts_int8_files_like_float_ones_and_reads_vae_folders(capsys, tiny, tiny_file, tiny_inpaint, tmp_path):
+    int8 = export_checkpoint(tiny_file, tmp_path / "int8.safetensors", int8=True)
+    infos = []
+    for path in (tiny_file, int8):
+        rc, out, err = run(capsys, "info", path, "--json")
+        assert rc == 0, err
+        infos.append(json.loads(out))
+    assert infos[0]["parameters"] == infos[1]["parameters"]  # the per-channel scales are not parameters
+    assert "UNet and text encoder int8 per-channel" in infos[1]["dtype"]
+    rc, out, err = run(capsys, "info", Path(tiny.folder) / "vae", "--json")  # as --vae accepts it
+    assert rc == 0 and json.loads(out)["format"] == "standalone VAE", err
+    rc, out, err = run(capsys, "info", tiny_inpaint.folder, "--json")
+    assert rc == 0 and json.loads(out)["architecture"] == "tiny-inpainting: tiny test model (SD v1 inpainting layout)"
+
+
+def test_convert_refuses_a_folder_as_output_and_expands_home(capsys, tiny_file, tmp_path, monkeypatch):
+    (tmp_path / "d.safetensors").mkdir()
+    rc, _, err = run(capsys, "convert", tiny_file, tmp_path / "d.safetensors", "--force")
+    assert rc == 2 and "is a folder" in err, err
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = export_checkpoint(tiny_file, "~/home.safetensors", dtype=torch.float16)
+    assert out == tmp_path / "home.safetensors" and out.is_file()
+
+
+def test_sigterm_during_convert_cleans_up_like_ctrl_c():
+    """`kill`/`timeout`/systemd send SIGTERM: while converting it raises KeyboardInterrupt, so
+    the temporary file is removed as on Ctrl-C; the previous handler comes back after."""
+    import signal
+
+    from sdlite.cli import _terminate_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with _terminate_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted long before this ends
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_info_into_a_pipe_closed_early_exits_quietly(tiny_file):
+    """`sdlite info X | head`: a reader that leaves before sdlite writes is not an error."""
+    done = subprocess.run(f"{sys.executable} -m sdlite info {tiny_file} | true; echo rc=${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "rc=0" and "Error" not in done.stderr, (done.stdout, done.stderr)

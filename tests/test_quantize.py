@@ -528,3 +528,46 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tiny):
         assert set(ref_state) == set(state)
         for k, v in state.items():
             assert torch.equal(v, ref_state[k]), k
+
+
+# ------------------------------------------------------------------ review fixes (stop 17)
+
+
+def test_converting_an_int8_file_without_int8_writes_plain_float_weights(files, tmp_path):
+    """Other tools load an int8 file silently wrong (they copy the int8 values into float
+    weights), so `convert` without --int8 writes each weight times its scales: a plain file."""
+    from sdlite.quantize import SCALE_SUFFIX, dequantize
+
+    out = export_checkpoint(files["int8"], tmp_path / "back.safetensors")
+    src, _ = load_safetensors(files["int8"])
+    got, meta = load_safetensors(out)
+    assert not any(k.endswith(SCALE_SUFFIX) for k in got) and "sdlite.quantization" not in meta
+    assert all(t.dtype == torch.float16 for t in got.values() if t.is_floating_point())
+    assert not any(t.dtype == torch.int8 for t in got.values())
+    key = next(k for k, t in src.items() if t.dtype == torch.int8)
+    assert torch.equal(got[key], dequantize(src[key], src[key + SCALE_SUFFIX], torch.float16))
+    assert open_checkpoint(out).quantization is None
+    f32 = export_checkpoint(files["int8"], tmp_path / "back32.safetensors", dtype=torch.float32)
+    assert load_safetensors(f32)[0][key].dtype == torch.float32
+
+
+def test_nan_or_inf_weights_are_refused_by_int8_export_naming_the_key(tiny, tmp_path):
+    state = {k: v.clone() for k, v in load_safetensors(export_checkpoint(tiny.folder, tmp_path / "a.safetensors"))[0].items()}
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    state[key][1].view(-1)[3] = float("nan")
+    broken = tmp_path / "broken.safetensors"
+    save_safetensors(state, broken)
+    with pytest.raises(CheckpointError, match=r"input_blocks\.1\.0\.in_layers\.2\.weight has NaN/inf .*\[1\]"):
+        export_checkpoint(broken, tmp_path / "b.safetensors", int8=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "broken.safetensors"]  # nothing partial
+
+
+def test_an_integer_weight_without_scales_is_refused_when_opened(files, tmp_path):
+    """What a key-filtering tool makes of an int8 file (the scales dropped): refused with its
+    dtype, not accepted and failing later inside load_state_dict."""
+    state = dict(load_safetensors(files["fp16"])[0])
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    state[key] = state[key].to(torch.int8)
+    save_safetensors(state, tmp_path / "pruned.safetensors")
+    with pytest.raises(CheckpointError, match=r"1 wrong dtypes: .*in_layers\.2\.weight int8 \(expected a float\)"):
+        open_checkpoint(tmp_path / "pruned.safetensors")

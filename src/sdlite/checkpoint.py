@@ -8,6 +8,7 @@ Native keys are full CompVis keys: `model.diffusion_model.*` (UNet), `first_stag
 
 from __future__ import annotations
 
+import os
 import re
 import zipfile
 from dataclasses import dataclass, field, replace
@@ -393,12 +394,16 @@ def validate(tensors: dict, cfg: ModelConfig, path, quantized: bool = False) -> 
                 install_int8(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             except CheckpointError as e:
                 raise CheckpointError(f"{path}: {e}") from None
-        expected.update({prefix + k: v.shape for k, v in model.state_dict().items()})
+        expected.update({prefix + k: v for k, v in model.state_dict().items()})  # meta tensors
     present = {k for k in tensors if not _ignored(k)}
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected))
-    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(expected[k])})"
-             for k in sorted(present & set(expected)) if tensors[k].shape != expected[k]]
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(expected[k].shape)})"
+             for k in sorted(present & set(expected)) if tensors[k].shape != expected[k].shape]
+    # a float weight stored as integers (e.g. an int8 weight whose scales a tool dropped)
+    wrong_types = [f"{k} {str(tensors[k].dtype).replace('torch.', '')} (expected a float)"
+                   for k in sorted(present & set(expected))
+                   if expected[k].is_floating_point() and not tensors[k].is_floating_point()]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys: {_few(missing)}")
@@ -406,6 +411,8 @@ def validate(tensors: dict, cfg: ModelConfig, path, quantized: bool = False) -> 
         problems.append(f"{len(unexpected)} unexpected keys: {_few(unexpected)}")
     if wrong:
         problems.append(f"{len(wrong)} wrong shapes: {_few(wrong, 3)}")
+    if wrong_types:
+        problems.append(f"{len(wrong_types)} wrong dtypes: {_few(wrong_types, 3)}")
     if problems:
         raise CheckpointError(f"{path}: does not match the {cfg.name} architecture: " + "; ".join(problems))
 
@@ -422,18 +429,43 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
     `int8=True` writes sdlite's int8 format (see `sdlite.quantize`): UNet and text encoder
     Linear/Conv2d weights in int8 with per-channel scales (the VAE too with `int8_vae=True`),
     everything else in `dtype` (default float16), quantized one tensor at a time as it is
-    written. An int8 source file stays int8.
+    written. An int8 source file is written as a float file (each weight times its scales, in
+    `dtype`, default float16) unless `int8=True`, which keeps it int8.
     """
-    dst = Path(dst)
+    dst = Path(dst).expanduser()
     if dst.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{dst}: the output must be a .safetensors file")
     if not dst.parent.is_dir():
         raise CheckpointError(f"{dst.parent}: output folder does not exist")
+    if dst.is_dir():
+        raise CheckpointError(f"{dst}: is a folder; give the output file's name")
+    if not os.access(dst.parent, os.W_OK):
+        raise CheckpointError(f"{dst.parent}: cannot write in this folder (permission denied)")
     ckpt = open_checkpoint(src, ema=ema)
     metadata = {"format": "pt", "sdlite.architecture": ckpt.config.name}
-    if int8 or ckpt.quantization:
-        return _export_int8(ckpt, dst, metadata, dtype or (torch.float16 if int8 else None), int8, int8_vae)
+    if int8:
+        return _export_int8(ckpt, dst, metadata, dtype or torch.float16, int8, int8_vae)
+    if ckpt.quantization:  # back to a plain float file, which any tool reads as it is
+        return _export_dequantized(ckpt, dst, metadata, dtype or torch.float16)
     out = {k: v for k, v in ckpt.tensors.items() if not _ignored(k)}
+    save_safetensors(out, dst, metadata=metadata, cast=dtype)
+    return dst
+
+
+def _export_dequantized(ckpt: Checkpoint, dst: Path, metadata: dict, dtype: torch.dtype) -> Path:
+    """An int8 file written as a float one: each int8 weight times its scales, in `dtype`."""
+    from .quantize import SCALE_SUFFIX, Deferred, dequantize
+
+    tensors = {k: v for k, v in ckpt.tensors.items() if not _ignored(k)}
+    out = {}
+    for k, v in tensors.items():
+        scale = tensors.get(k + SCALE_SUFFIX)
+        if k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in tensors:
+            continue
+        if scale is not None and v.dtype == torch.int8:
+            out[k] = Deferred(v.shape, dtype, lambda q=v, s=scale: dequantize(q, s, dtype))
+        else:
+            out[k] = v
     save_safetensors(out, dst, metadata=metadata, cast=dtype)
     return dst
 

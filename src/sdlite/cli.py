@@ -8,6 +8,7 @@ Exit codes: 0 success, 2 usage errors (bad options, sizes, unreadable inputs: In
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -338,6 +339,9 @@ def _run(args, ui: UI) -> int:
         _traceback(ui)
         ui.error("interrupted")
         return 130
+    except BrokenPipeError:  # `sdlite info X | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except InputError as e:
         _traceback(ui)
         ui.error(e)
@@ -754,13 +758,39 @@ def cmd_convert(args, ui: UI) -> int:
         raise InputError(f"{dst} exists; pass --force to replace it")
     if not dst.parent.is_dir():
         raise InputError(f"{dst.parent}: output folder does not exist")
+    if dst.is_dir():
+        raise InputError(f"{dst}: is a folder; give the output file's name")
+    if not os.access(dst.parent, os.W_OK):
+        raise InputError(f"{dst.parent}: cannot write in this folder (permission denied)")
     start = time.perf_counter()
-    export_checkpoint(src, dst, dtype=getattr(torch, args.dtype) if args.dtype else None, ema=args.ema,
-                      int8=args.int8)
+    with _terminate_as_interrupt():  # `kill`, `timeout`, systemd: the partial file is removed too
+        export_checkpoint(src, dst, dtype=getattr(torch, args.dtype) if args.dtype else None, ema=args.ema,
+                          int8=args.int8)
     ckpt = open_checkpoint(dst)  # prove the result loads
-    ui.out(f"wrote {dst}: {ckpt.config.name}, {_dtype(ckpt.dtype)}, {_size(dst.stat().st_size)}, "
+    kind = _dtype(ckpt.dtype) + (" + int8 per-channel" if ckpt.quantization else "")
+    ui.out(f"wrote {dst}: {ckpt.config.name}, {kind}, {_size(dst.stat().st_size)}, "
            f"model hash {meta.model_hash(dst)} ({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt meanwhile (main thread only), so cleanup code runs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_info(args, ui: UI) -> int:
@@ -793,26 +823,33 @@ def cmd_info(args, ui: UI) -> int:
 
 def checkpoint_info(path: Path) -> dict:
     """What a checkpoint (or a standalone VAE) is: kind, architecture, dtype, size, EMA, hashes."""
+    import torch
+
     from .checkpoint import open_checkpoint
+    from .quantize import SCALE_SUFFIX
 
     try:
         ckpt = open_checkpoint(path)
-    except UnsupportedModelError as error:
+    except (UnsupportedModelError, CheckpointError) as error:  # a standalone VAE (file or diffusers vae/)?
         try:
             tensors = read_vae_tensors(path)
         except CheckpointError:
             raise error from None
         return _vae_info(path, tensors)
-    counts = {c: sum(t.numel() for t in ckpt.state_dict(c).values()) for c in ("unet", "vae", "text")}
+    states = {c: ckpt.state_dict(c) for c in ("unet", "vae", "text")}
+    counts = {c: sum(t.numel() for k, t in state.items() if not k.endswith(SCALE_SUFFIX)) for c, state in states.items()}
+    int8_parts = [name for c, name in (("unet", "UNet"), ("text", "text encoder"), ("vae", "VAE"))
+                  if any(t.dtype == torch.int8 for t in states[c].values())]
     kinds = {"sd-v1": "SD v1.x", "sd-v1-inpainting": "SD v1.x inpainting (9-channel UNet)",
-             "tiny": "tiny test model (SD v1 layout)", "sd-v1-custom": "SD v1.x layout, non-standard sizes"}
+             "tiny": "tiny test model (SD v1 layout)", "tiny-inpainting": "tiny test model (SD v1 inpainting layout)",
+             "sd-v1-custom": "SD v1.x layout, non-standard sizes"}
     info = {
         "file": str(path),
         "format": {"safetensors": "single file, safetensors", "ckpt": "single file, pickle (.ckpt)",
                    "diffusers": "diffusers folder"}[ckpt.format],
         "architecture": f"{ckpt.config.name}: {kinds.get(ckpt.config.name, ckpt.config.name)}",
         "parameters": f"UNet {_count(counts['unet'])}, VAE {_count(counts['vae'])}, text encoder {_count(counts['text'])}",
-        "dtype": _dtype(ckpt.dtype) + (" (UNet and text encoder int8 per-channel, sdlite format 1)"
+        "dtype": _dtype(ckpt.dtype) + (f" ({' and '.join(int8_parts)} int8 per-channel, sdlite format 1)"
                                        if ckpt.quantization == "int8" else ""),
         "size": _size(ckpt.size_bytes) + (f" (file {_size(path.stat().st_size)})" if path.is_file() else ""),
         "ema_weights": "yes" if ckpt.has_ema else "no",

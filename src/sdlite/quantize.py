@@ -46,9 +46,10 @@ A standard CompVis-layout single-file `.safetensors` (`sdlite convert --int8`,
   `"sdlite.format_version": "1"`. A reader must refuse a format version it does not know.
 
 Which layers are quantized is read from the file (an `I8` weight with a `_scale` key), not from
-`DEFAULT_KEEP`, so files made with other keep lists load the same way. Tools that do not know
-the format will not load it (the int8 weights need their scales); `sdlite convert` of such a
-file without `--int8` keeps it int8.
+`DEFAULT_KEEP`, so files made with other keep lists load the same way. Beware: a tool that does
+not know the format may load it anyway and compute garbage (diffusers' from_single_file copies
+the int8 values into its float weights and only warns about the `_scale` keys); `sdlite convert
+IN OUT` without `--int8` writes such a file back as a plain float file (weight times scales).
 """
 
 from __future__ import annotations
@@ -94,11 +95,16 @@ DEFAULT_KEEP: dict[str, tuple[str, ...]] = {
 # ---------------------------------------------------------------------------- tensors
 
 
-def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel (dim 0) symmetric int8: (q int8 of w's shape, scale float32 (out,))."""
+def quantize_tensor(w: torch.Tensor, name: str = "a weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel (dim 0) symmetric int8: (q int8 of w's shape, scale float32 (out,)).
+    A NaN/inf weight is an error (naming `name`): its row's scale would zero or NaN the row."""
     w = w.detach().to(torch.float32)
     low, high = torch.aminmax(w.reshape(w.shape[0], -1), dim=1)
     amax = torch.maximum(-low, high)
+    if not torch.isfinite(amax).all():
+        rows = torch.nonzero(~torch.isfinite(amax)).flatten().tolist()
+        raise CheckpointError(f"{name} has NaN/inf values (output channel(s) {rows[:5]}): int8 cannot hold them; "
+                              "the file's weights are broken")
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # zero rows: q = 0, any scale
     q = torch.div(w, _per_row(scale, w.ndim)).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale
@@ -360,12 +366,14 @@ def quantize_state_dict(state: dict[str, torch.Tensor], component: str, cfg, kee
         if t.dtype == torch.int8 or _is_scale(key, state):
             out[key] = t  # already quantized (re-export of an int8 file)
         elif key in chosen and not lazy:
-            out[key], out[key + SCALE_SUFFIX] = quantize_tensor(t)
+            out[key], out[key + SCALE_SUFFIX] = quantize_tensor(t, key)
             if release:
                 drop_pages(t)  # the float weight is done with: let its file pages go now
         elif key in chosen:
-            out[key] = _value(t.shape, torch.int8, lambda t=t: quantize_tensor(t)[0], lazy)
-            out[key + SCALE_SUFFIX] = _value(t.shape[:1], torch.float32, lambda t=t: quantize_tensor(t)[1], lazy)
+            # quantized twice, once per written tensor: caching the pair would hold every int8
+            # weight from the (earlier written) float32 scales until the weights are written
+            out[key] = _value(t.shape, torch.int8, lambda t=t, k=key: quantize_tensor(t, k)[0], lazy)
+            out[key + SCALE_SUFFIX] = _value(t.shape[:1], torch.float32, lambda t=t, k=key: quantize_tensor(t, k)[1], lazy)
         elif t.is_floating_point() and dtype is not None and t.dtype != dtype:
             out[key] = _value(t.shape, dtype, lambda t=t: t.to(dtype), lazy)
         else:

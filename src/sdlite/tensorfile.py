@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import struct
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -40,12 +41,14 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict, int]:
         if n > min(MAX_HEADER, size - 8):
             raise CheckpointError(f"{path}: not a valid safetensors file (header length {n} exceeds the file)")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})"[:300]) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CheckpointError(f"{path}: corrupt safetensors metadata (not a map of strings to strings)")
     for name, entry in header.items():
         if not _valid_entry(entry):
             raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}")
@@ -54,7 +57,31 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict, int]:
         raise CheckpointError(
             f"{path}: file is truncated ({size} bytes, the header describes {8 + n + end}); download it again"
         )
+    _check_coverage(path, header, size - 8 - n)
     return header, meta, 8 + n
+
+
+def _no_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a name appears twice: {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def _check_coverage(path: Path, header: dict, data_bytes: int) -> None:
+    """The tensors tile the data section exactly, as the format requires (and the safetensors
+    library checks): a wrong header length or overlapping entries would otherwise shift or share
+    bytes between tensors silently."""
+    at = 0
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        a, b = entry["data_offsets"]
+        if a != at:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} starts at byte {a} of the "
+                                  f"data, expected {at} (entries overlap or leave a gap)")
+        at = b
+    if at != data_bytes:
+        raise CheckpointError(f"{path}: corrupt safetensors file: its tensors cover {at} bytes of a {data_bytes}-byte "
+                              "data section (wrong header length, or data appended)")
 
 
 def _valid_entry(entry) -> bool:
@@ -192,15 +219,29 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data section starts 8-byte aligned
-    tmp = path.with_name(path.name + ".partial")
+    tmp = None
     try:
-        with open(tmp, "wb") as f:
+        # a name of its own (two exports to one OUT do not share it), next to OUT for the rename
+        fd, name_ = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        tmp = Path(name_)
+        with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for name in names:
                 t = tensors[name].detach().to("cpu", out_dtype(tensors[name])).contiguous().reshape(-1)
                 f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a written file is the user's usual mode
         os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write: {e.strerror or e}") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
