@@ -404,3 +404,104 @@ def test_bad_seed_batch_and_clip_skip_are_clear_errors(tiny_sd):
                     (dict(clip_skip=1.5), "clip_skip"), (dict(clip_skip=0), "clip_skip"), (dict(clip_skip=4), "clip_skip")):
         with pytest.raises(InputError, match=msg):
             tiny_sd.txt2img(PROMPT, width=32, height=32, steps=1, **kw)
+
+
+# ------------------------------------------------------------------ review fixes (stop 17)
+
+
+def test_replaced_model_lasts_in_low_memory_mode_and_waits_outside_its_stage(tiny):
+    kw = dict(width=32, height=32, steps=2, sampler="euler", seed=4)
+    normal = StableDiffusion(tiny.folder)
+    low = StableDiffusion(tiny.folder, memory="low")
+    for sd in (normal, low):
+        vae = sd.prepare("vae", sd.load_component("vae"))
+        with torch.no_grad():
+            vae.decoder.conv_out.bias.add_(0.5)  # a visibly different VAE
+        sd.replace("vae", vae)
+    assert low.resident_components() == []  # not resident until its stage
+    first, second = low.txt2img(PROMPT, **kw), low.txt2img(PROMPT, **kw)
+    want = normal.txt2img(PROMPT, **kw)
+    plain = StableDiffusion(tiny.folder, memory="low").txt2img(PROMPT, **kw)
+    for res in (first, second):
+        assert np.array_equal(np.asarray(res.images[0]), np.asarray(want.images[0]))
+    assert not np.array_equal(np.asarray(second.images[0]), np.asarray(plain.images[0]))
+    with pytest.raises(InputError, match="unknown component 'bogus'; components: text, unet, vae"):
+        low.resident("bogus")
+    with pytest.raises(InputError, match="unknown component"):
+        normal.done_with("bogus")
+    with pytest.raises(InputError, match="unknown part 'middle' of 'vae' .*encoder, decoder"):
+        normal.resident("vae", "middle")
+
+
+def test_low_memory_frees_the_model_even_when_the_exception_is_kept(tiny, monkeypatch):
+    """A notebook keeps the last exception (sys.last_exc): its traceback must not keep the
+    low-mode UNet or VAE alive beside the next stage's model."""
+    import gc
+    import weakref
+
+    from sdlite import pipeline
+
+    sd = StableDiffusion(tiny.folder, memory="low")
+    models = []
+    load = sd.load_component
+
+    def tracked(component):
+        model = load(component)
+        models.append(weakref.ref(model))
+        return model
+
+    sd.load_component = tracked
+
+    def stop(step, total, x):
+        raise KeyboardInterrupt
+
+    kept = []
+    try:
+        sd.txt2img(PROMPT, width=32, height=32, steps=3, callback=stop)
+    except KeyboardInterrupt as e:
+        kept.append(e)
+    real_decode = pipeline.tiling.decode
+
+    def failing_decode(vae, z, *args, **kwargs):
+        real_decode(vae, z, *args, **kwargs)
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(pipeline.tiling, "decode", failing_decode)
+    try:
+        sd.txt2img(PROMPT, width=32, height=32, steps=1)
+    except RuntimeError as e:
+        kept.append(e)
+    gc.collect()
+    assert len(kept) == 2 and len(models) >= 4  # text, unet; text, unet, vae
+    assert [m() for m in models] == [None] * len(models)
+    assert sd.resident_components() == []
+
+
+def test_reduced_precision_measurements_never_overlap(monkeypatch):
+    """cpu_slowdown sets the process's thread count while it measures: two threads measuring
+    at once could leave it at 1. One measurement runs at a time."""
+    import threading
+    import time
+
+    from sdlite import precision
+
+    running, most = [0], [0]
+
+    def measure(dtype):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        running[0] -= 1
+        return 1.0
+
+    precision.cpu_slowdown.cache_clear()
+    monkeypatch.setattr(precision, "_measure_slowdown", measure)
+    try:
+        threads = [threading.Thread(target=precision.cpu_slowdown, args=(dt,)) for dt in (torch.float16, torch.bfloat16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        precision.cpu_slowdown.cache_clear()
+    assert most[0] == 1

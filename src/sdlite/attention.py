@@ -1,6 +1,6 @@
 """The one attention function every model calls, and the run-time switch that picks its kernel.
 
-Inputs are (B, heads, T, d) tensors. Three modes, chosen per process (not per model: the model
+Inputs are (B, heads, T, d) tensors. Three modes, chosen per thread (not per model: the model
 files stay plain and just call `attention`):
 
 - ``sdpa`` (default): PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels
@@ -12,12 +12,13 @@ files stay plain and just call `attention`):
 - ``plain``: the textbook formula, materialising every score (the reference the others are
   tested against).
 
-    set_attention("chunked", chunk=512)       # for the rest of the process
+    set_attention("chunked", chunk=512)       # from now on, in this thread
     with attention_mode("plain"):             # for a block; the previous setting comes back
         ...
 
 The setting lives in a context variable: each thread (and asyncio task) has its own, so two
-pipelines with different modes can run in two threads without racing.
+pipelines with different modes can run in two threads without racing; a new thread starts at
+the default (``sdpa``), not at its creator's setting.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import gc
 import math
 import os
 import random
+import traceback
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ Callback = Callable[[int, int, torch.Tensor], None]
 
 
 def _uses_attention_setting(method):
-    """Run a generation method under this object's attention mode (a process-wide setting)."""
+    """Run a generation method under this object's attention mode (the setting is per thread, so
+    the lower-level steps called on their own use the calling thread's)."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with attn.attention_mode(self.attention.mode, self.attention.chunk):
@@ -306,6 +308,7 @@ class StableDiffusion:
         if memory == "low":
             _malloc_for_low_memory()
         self._parked: dict[str, HostCopy] = {}
+        self._replaced: dict[str, torch.nn.Module] = {}  # replace()d models, by component
         if memory != "low":
             for component in COMPONENT_ATTRS:
                 self._loaded(component)
@@ -390,8 +393,15 @@ class StableDiffusion:
         return torch.device("cpu") if self._parks(component) else self.device
 
     def replace(self, component: str, model: torch.nn.Module) -> None:
-        """Use `model` (loaded with `load_device` and `prepare`) for a component from now on."""
-        setattr(self, COMPONENT_ATTRS[component], model)
+        """Use `model` (loaded with `load_device` and `prepare`) for a component from now on.
+        In low memory mode the pipeline keeps it between its stages (it cannot be read from the
+        file again), so it stays in memory the whole time, beside each stage's model."""
+        attr = _component_attr(component)
+        self._replaced[component] = model
+        if self.memory == "low":
+            setattr(self, attr, None)  # given to its stage when the stage comes
+            return
+        setattr(self, attr, model)
         self._loaded(component)  # a parked component is parked at once
 
     def _parks(self, component: str) -> bool:
@@ -400,10 +410,10 @@ class StableDiffusion:
 
     def _loaded(self, component: str) -> torch.nn.Module:
         """The model for a component, loaded if needed (and parked, if it parks)."""
-        attr = COMPONENT_ATTRS[component]
+        attr = _component_attr(component)
         model = getattr(self, attr)
         if model is None:
-            model = self.load_component(component)
+            model = self._replaced.get(component) or self.load_component(component)
             setattr(self, attr, model)
         if self._parks(component):
             parked = self._parked.get(component)
@@ -415,7 +425,10 @@ class StableDiffusion:
     def resident(self, component: str, part: str | None = None) -> torch.nn.Module:
         """The model for a component, loaded if needed and on the device (of a parked model,
         only `part` of it if given: a key of PARK_PARTS[component])."""
-        if self.memory == "low" and getattr(self, COMPONENT_ATTRS[component]) is None:
+        if part is not None and part not in PARK_PARTS.get(component, {}):
+            parts = ", ".join(PARK_PARTS.get(component, {})) or "none"
+            raise InputError(f"unknown part {part!r} of {component!r} (its parts: {parts})")
+        if self.memory == "low" and getattr(self, _component_attr(component)) is None:
             _give_back_freed_memory()  # also what the last stage freed after its end
             _malloc_for_low_memory(component)
         model = self._loaded(component)
@@ -425,8 +438,9 @@ class StableDiffusion:
 
     def done_with(self, component: str) -> None:
         """A model's stage is over: in low-memory mode free it; a parked one goes back to host memory."""
+        _component_attr(component)  # a known name
         if self.memory == "low":
-            setattr(self, COMPONENT_ATTRS[component], None)
+            setattr(self, _component_attr(component), None)
             gc.collect()
             _malloc_for_low_memory()
             _give_back_freed_memory()
@@ -440,6 +454,13 @@ class StableDiffusion:
         """The model on the device for a stage; done with it afterwards, also after an error."""
         try:
             yield self.resident(component, part)
+        except BaseException as error:
+            if self.memory == "low":
+                # The finished frames of the traceback (sampler, model forwards, VAE passes) hold
+                # the model in their locals: kept with the exception (a notebook's Ctrl-C), they
+                # would keep it alive beside the next stage's. Callers bind no model to a local.
+                traceback.clear_frames(error.__traceback__)
+            raise
         finally:
             self.done_with(component)
 
@@ -479,13 +500,12 @@ class StableDiffusion:
         # anyway, and after a streamed encode the denoise stage peaked 0.1 GiB higher in RSS (same
         # tensor bytes: an allocator/oneDNN effect, measured, not understood; see the README).
         stream = self.memory != "low"
-        with self._stage("vae", "encoder") as vae, torch.inference_mode():
+        with self._stage("vae", "encoder"), torch.inference_mode():  # the model: self.vae (see _stage)
             for i, g in enumerate(job.generators):
-                mean, logvar = tiling.encode(vae, image[i : i + 1].to(self.device, self.dtype), self.vae_tiling,
+                mean, logvar = tiling.encode(self.vae, image[i : i + 1].to(self.device, self.dtype), self.vae_tiling,
                                              stream=stream, plain=self._plain_vae)
                 eps = torch.randn(mean.shape, generator=g, dtype=torch.float32).to(self.device, mean.dtype)
                 out.append(mean + torch.exp(0.5 * logvar) * eps)
-            del vae  # freed when the stage ends (low mode), before its memory is trimmed
         # Latent bookkeeping (noise, blending) happens on the CPU in float32, like x_T.
         return torch.cat(out).float().cpu() * self.config.vae.scale_factor
 
@@ -501,12 +521,11 @@ class StableDiffusion:
         if known is not None:
             model, callback = known.model(model), known.callback(callback)
         options = {"eta": job.eta} if job.sampler in ETA_SAMPLERS and job.eta is not None else {}
-        with self._stage("unet") as unet, torch.inference_mode():
-            if hasattr(unet, "forget_if_weights_moved"):  # CUDA graphs read weights at fixed addresses
-                unet.forget_if_weights_moved()
+        with self._stage("unet"), torch.inference_mode():  # the model: self.unet (see _stage)
+            if hasattr(self.unet, "forget_if_weights_moved"):  # CUDA graphs read weights at fixed addresses
+                self.unet.forget_if_weights_moved()
             x = samplers.get_sampler(job.sampler)(model, x, sigmas, callback=callback,
                                                   noise_sampler=self._noise_sampler(x, job), **options)
-            del unet  # freed when the stage ends (low mode), before its memory is trimmed
         return samplers.to_vp(x, sigmas[-1])
 
     @property
@@ -538,13 +557,12 @@ class StableDiffusion:
         z = latents / self.config.vae.scale_factor
         if not torch.isfinite(z).all():
             raise SdliteError("the sampler produced NaN/inf latents (try float32, fewer steps or another sampler)")
-        with self._stage("vae", "decoder") as vae, torch.inference_mode():
-            image = tiling.decode(vae, z.to(self.device, self.dtype), self.vae_tiling, plain=self._plain_vae).float()
+        with self._stage("vae", "decoder"), torch.inference_mode():  # the model: self.vae (see _stage)
+            image = tiling.decode(self.vae, z.to(self.device, self.dtype), self.vae_tiling, plain=self._plain_vae).float()
             if not torch.isfinite(image).all() and self.dtype != torch.float32:
                 warnings.warn("VAE decode gave NaN/inf in reduced precision; retrying in float32", stacklevel=2)
-                image = tiling.decode(compute_in(vae, torch.float32), z.float().to(self.device), self.vae_tiling,
+                image = tiling.decode(compute_in(self.vae, torch.float32), z.float().to(self.device), self.vae_tiling,
                                       plain=self._plain_vae).float()
-            del vae  # freed when the stage ends (low mode), before its memory is trimmed
         if not torch.isfinite(image).all():
             raise SdliteError("the VAE decoder produced NaN/inf (broken VAE weights?)")
         return image
@@ -764,6 +782,12 @@ def _give_back_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def _component_attr(component: str) -> str:
+    if component not in COMPONENT_ATTRS:
+        raise InputError(f"unknown component {component!r}; components: {', '.join(COMPONENT_ATTRS)}")
+    return COMPONENT_ATTRS[component]
 
 
 def _is_int(v) -> bool:

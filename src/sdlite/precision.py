@@ -11,6 +11,7 @@ stay plain); parameters and keys are untouched.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from typing import Callable
 
@@ -114,8 +115,17 @@ def weights_dtype(model: nn.Module) -> torch.dtype:
     return max(counts, key=counts.get)
 
 
+_MEASURING = threading.Lock()  # the measurement sets the process's thread count for a moment
+
+
 @functools.cache
 def cpu_slowdown(dtype: torch.dtype) -> float:
+    """(Measured once per dtype, one measurement at a time: see _measure_slowdown.)"""
+    with _MEASURING:
+        return _measure_slowdown(dtype)
+
+
+def _measure_slowdown(dtype: torch.dtype) -> float:
     """How many times slower than float32 this CPU runs a small matmul and 3x3 convolution in
     `dtype`, measured once per process (a few ms; up to ~0.1 s where `dtype` is emulated).
 
