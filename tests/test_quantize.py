@@ -347,8 +347,9 @@ def test_export_options_and_reexport(files, tiny, tmp_path):
     assert PREFIXES["vae"] + "decoder.up.0.block.0.conv1.weight" in vae_int8
     assert PREFIXES["vae"] + "decoder.conv_out.weight" not in vae_int8  # DEFAULT_KEEP["vae"]
     assert ckpt.dtype == torch.float32 and isinstance(ckpt.load("vae").decoder.conv_in, Int8Conv2d)
-    # An int8 file converted again stays int8 (its scales are needed), whatever dtype is asked.
-    again = export_checkpoint(files["int8"], tmp_path / "b.safetensors", dtype=torch.float32)
+    # An int8 file converted again with int8=True stays int8 (its weights and scales as they are),
+    # whatever dtype is asked for the rest; without it, it becomes a float file (test below).
+    again = export_checkpoint(files["int8"], tmp_path / "b.safetensors", dtype=torch.float32, int8=True)
     a, b = load_safetensors(files["int8"]), load_safetensors(again)
     assert b[1]["sdlite.quantization"] == "int8-per-channel"
     assert set(a[0]) == set(b[0])
