@@ -413,7 +413,7 @@ class StableDiffusion:
         attr = _component_attr(component)
         model = getattr(self, attr)
         if model is None:
-            model = self._replaced.get(component) or self.load_component(component)
+            model = self._replaced[component] if component in self._replaced else self.load_component(component)
             setattr(self, attr, model)
         if self._parks(component):
             parked = self._parked.get(component)

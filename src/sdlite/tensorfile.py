@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import secrets
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -221,10 +221,10 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     blob += b" " * (-len(blob) % 8)  # data section starts 8-byte aligned
     tmp = None
     try:
-        # a name of its own (two exports to one OUT do not share it), next to OUT for the rename
-        fd, name_ = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-        tmp = Path(name_)
-        with os.fdopen(fd, "wb") as f:
+        # a name of its own (two exports to one OUT do not share it), next to OUT for the rename;
+        # created like any file the user makes (mode from the umask)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial")
+        with open(tmp, "xb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for name in names:
@@ -232,7 +232,6 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
                 f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a written file is the user's usual mode
         os.replace(tmp, path)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write: {e.strerror or e}") from None
@@ -240,8 +239,3 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
         if tmp is not None and tmp.exists():
             tmp.unlink()
 
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
