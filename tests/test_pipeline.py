@@ -363,6 +363,8 @@ def test_init_image_files_are_read_upright_and_16_bit_scaled(tiny_sd, tmp_path):
     got = imgs.to_tensor(g16)[0, 0]
     want = torch.from_numpy(np.round(ramp / 257.0).astype(np.float32)) / 255.0 * 2 - 1
     assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    eight_in_i = Image.fromarray(np.array([[0, 100, 255]], dtype=np.int32), mode="I")  # 8-bit values in mode I
+    assert np.asarray(imgs.eight_bit(eight_in_i)).tolist() == [[0, 100, 255]]
     mask = imgs.mask_to_tensor(g16, 64, 8)[0, 0]
     assert torch.equal(mask, torch.from_numpy((np.round(ramp / 257.0) / 255.0 >= 0.5).astype(np.float32)))
 

@@ -52,7 +52,9 @@ def eight_bit(image: Image.Image) -> Image.Image:
     PIL's own conversion clips every value above 255 to white. Other modes pass through."""
     if not (image.mode.startswith("I;16") or image.mode == "I"):
         return image
-    arr = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+    arr = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or arr.max(initial=0) > 255:  # "I" holding 8-bit values stays as it is
+        arr = arr / 257.0  # 65535 -> 255
     return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
 
 
