@@ -454,16 +454,15 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
 
 def _export_dequantized(ckpt: Checkpoint, dst: Path, metadata: dict, dtype: torch.dtype) -> Path:
     """An int8 file written as a float one: each int8 weight times its scales, in `dtype`."""
-    from .quantize import SCALE_SUFFIX, Deferred, dequantize
+    from .quantize import SCALE_SUFFIX, Deferred, _is_scale, dequantize
 
     tensors = {k: v for k, v in ckpt.tensors.items() if not _ignored(k)}
     out = {}
     for k, v in tensors.items():
-        scale = tensors.get(k + SCALE_SUFFIX)
-        if k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in tensors:
+        if _is_scale(k, tensors):
             continue
-        if scale is not None and v.dtype == torch.int8:
-            out[k] = Deferred(v.shape, dtype, lambda q=v, s=scale: dequantize(q, s, dtype))
+        if v.dtype == torch.int8 and k + SCALE_SUFFIX in tensors:
+            out[k] = Deferred(v.shape, dtype, lambda q=v, s=tensors[k + SCALE_SUFFIX]: dequantize(q, s, dtype))
         else:
             out[k] = v
     save_safetensors(out, dst, metadata=metadata, cast=dtype)

@@ -544,13 +544,9 @@ def resolve_device(name: str):
             return torch.device("cuda")
         mps = getattr(torch.backends, "mps", None)
         return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: CUDA is not available (no NVIDIA GPU, or a CPU-only torch build); use --device cpu")
-    if name == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise InputError("--device mps: Apple MPS is not available on this machine; use --device cpu")
-    return torch.device(name)
+    from .pipeline import check_device
+
+    return check_device(name)  # CUDA / MPS present, as the Python API checks it
 
 
 def resolve_model_path(arg: str | None) -> Path:
@@ -826,7 +822,7 @@ def checkpoint_info(path: Path) -> dict:
     import torch
 
     from .checkpoint import open_checkpoint
-    from .quantize import SCALE_SUFFIX
+    from .quantize import _is_scale
 
     try:
         ckpt = open_checkpoint(path)
@@ -837,7 +833,7 @@ def checkpoint_info(path: Path) -> dict:
             raise error from None
         return _vae_info(path, tensors)
     states = {c: ckpt.state_dict(c) for c in ("unet", "vae", "text")}
-    counts = {c: sum(t.numel() for k, t in state.items() if not k.endswith(SCALE_SUFFIX)) for c, state in states.items()}
+    counts = {c: sum(t.numel() for k, t in state.items() if not _is_scale(k, state)) for c, state in states.items()}
     int8_parts = [name for c, name in (("unet", "UNet"), ("text", "text encoder"), ("vae", "VAE"))
                   if any(t.dtype == torch.int8 for t in states[c].values())]
     kinds = {"sd-v1": "SD v1.x", "sd-v1-inpainting": "SD v1.x inpainting (9-channel UNet)",

@@ -103,7 +103,7 @@ LOW_CFG_BATCH_MAX_LATENT = 64 * 64
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_device(device) -> torch.device:
+def check_device(device) -> torch.device:
     """torch.device(device), or a one-line InputError for a name torch does not know or a
     device this machine does not have."""
     try:
@@ -278,7 +278,7 @@ class StableDiffusion:
             self.attention = setting
         self.quantize, self.vae_tiling = quantize, vae_tiling
         self.checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model, ema=ema)
-        self.device = _check_device(device)
+        self.device = check_device(device)
         self.dtype = _check_dtype(dtype) or _default_dtype(self.device)
         self.storage_dtype = None  # set when a reduced compute dtype falls back to float32
         self._check_cpu_dtype()
@@ -847,6 +847,7 @@ class _KnownRegion:
     noise: torch.Tensor  # (B, 4, h, w) the noise x_T was drawn from
     mask: torch.Tensor  # (B, 1, h, w) 0/1, 1 = repaint
     sigmas: torch.Tensor
+    blended_at: float | None = field(default=None, init=False)  # sigma of the last post-step blend
 
     def blend(self, x: torch.Tensor, sigma, last: bool = False) -> torch.Tensor:
         # the image noised to `sigma` (VE scaling); after the last step diffusers blends the
@@ -856,11 +857,12 @@ class _KnownRegion:
         return (1 - m) * known.to(x.device) + m * x
 
     def model(self, model):
-        """`model(x, sigma)` that blends first, except at the start (diffusers does not blend x_T)."""
+        """`model(x, sigma)` that blends first, except at the start (diffusers does not blend x_T)
+        and at a step's start (the post-step blend just did)."""
         first = float(self.sigmas[0])
 
         def blended(x, sigma, *args, **kwargs):
-            if float(sigma) != first:
+            if float(sigma) not in (first, self.blended_at):
                 x = self.blend(x, sigma)
             return model(x, sigma, *args, **kwargs)
         return blended
@@ -869,6 +871,7 @@ class _KnownRegion:
         """The post-step blend, then the user's callback (whose returned latents replace x)."""
         def after_step(step: int, total: int, x: torch.Tensor) -> torch.Tensor:
             x = self.blend(x, self.sigmas[step], last=step == total)
+            self.blended_at = float(self.sigmas[step])
             out = callback(step, total, x) if callback is not None else None
             return x if out is None else out
         return after_step
