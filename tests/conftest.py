@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import shutil
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,17 @@ def tiny_inpaint(tmp_path_factory) -> RefModel:
     return _make(tmp_path_factory, with_in_channels(TINY, 9), "tiny_inpaint", seed=10)
 
 
+# The full-size model as a diffusers folder (4.3 GB) plus test_checkpoint's single-file export of it.
+FULL_DISK_BYTES = 9 * 2**30
+
+
 @pytest.fixture(scope="session")
 def full(tmp_path_factory) -> RefModel:
+    base = tmp_path_factory.getbasetemp()
+    free = shutil.disk_usage(base).free
+    if free < FULL_DISK_BYTES:
+        pytest.fail(f"the full-size tests write about {FULL_DISK_BYTES / 2**30:.0f} GB under {base}, "
+                    f"which has {free / 2**30:.1f} GB free", pytrace=False)
     ref = _make(tmp_path_factory, SD_V1, "full", seed=100)
     yield ref
     del ref

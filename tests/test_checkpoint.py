@@ -73,10 +73,13 @@ def test_full_export_loads_in_diffusers_from_single_file(full, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = export_checkpoint(full.folder, tmp_path / "sd15.safetensors")
-    ck = open_checkpoint(out)
-    assert ck.config.name == "sd-v1" and ck.format == "safetensors"
-    pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(full.folder), local_files_only=True,
-                                                    safety_checker=None)
+    try:
+        ck = open_checkpoint(out)
+        assert ck.config.name == "sd-v1" and ck.format == "safetensors"
+        pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(full.folder), local_files_only=True,
+                                                        safety_checker=None)
+    finally:
+        out.unlink()  # 4.3 GB: freed now, not at the end of the run
     g = torch.Generator().manual_seed(4)
     x, c = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 768, generator=g)
     with torch.no_grad():
