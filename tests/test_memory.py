@@ -487,17 +487,19 @@ def test_a_stage_that_fails_still_parks_its_model(tiny, monkeypatch):
 
 
 def test_a_replaced_or_requantized_model_is_parked_again(tiny, monkeypatch):
-    """A VAE handed over (cli --vae) is parked at once; layers swapped in place (quantize_model)
-    make the host copy stale, so it is made again instead of writing old weights into them."""
+    """A VAE from a file (vae=, cli --vae) and one handed over by replace() are parked at once;
+    layers swapped in place (quantize_model) make the host copy stale, so it is made again
+    instead of writing old weights into them."""
     from sdlite import parking
-    from sdlite.cli import use_vae_file
     from sdlite.quantize import Int8Linear, quantize_model
+    from sdlite.vaefile import load_vae
 
     monkeypatch.setattr(parking, "SEPARATE_MEMORY", ("cpu",))
     high = StableDiffusion(tiny.folder, memory="high")
-    sd = StableDiffusion(tiny.folder)
+    sd = StableDiffusion(tiny.folder, vae=tiny.folder / "vae")
+    assert sd._parked["vae"].model is sd.vae and set(sd._parked["vae"].where.values()) == {"host"}
     old_vae = sd.vae
-    use_vae_file(sd, tiny.folder / "vae")
+    sd.replace("vae", sd.prepare("vae", load_vae(tiny.folder / "vae", sd.config.vae)))
     assert sd.vae is not old_vae and sd._parked["vae"].model is sd.vae
     assert set(sd._parked["vae"].where.values()) == {"host"}
     assert all(t.device.type == "cpu" for t in sd.vae.parameters())

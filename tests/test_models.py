@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import assert_close
-from refmodels import diffusers_unet
 from sdlite.checkpoint import open_checkpoint
 from sdlite.config import SD_V1, with_in_channels
 from sdlite.keymap import unet_from_diffusers

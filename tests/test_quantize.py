@@ -16,7 +16,7 @@ from sdlite.checkpoint import PREFIXES, build_model, export_checkpoint, open_che
 from sdlite.config import SD_V1
 from sdlite.errors import CheckpointError, InputError
 from sdlite.precision import compute_in
-from sdlite.quantize import (DEFAULT_KEEP, METADATA, SCALE_SUFFIX, Deferred, Int8Conv2d, Int8Linear, dequantize,
+from sdlite.quantize import (DEFAULT_KEEP, SCALE_SUFFIX, Deferred, Int8Conv2d, Int8Linear, dequantize,
                              install_int8, quantize_model, quantize_state_dict, quantize_tensor, quantized_layers)
 from sdlite.tensorfile import load_safetensors, save_safetensors
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import keymap
-from .config import VARIANTS, CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+from .config import SD_V1, VARIANTS, CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from .errors import CheckpointError, UnsupportedModelError
 from .tensorfile import load_pickle, load_safetensors, save_safetensors
 
@@ -59,6 +59,9 @@ class Checkpoint:
     has_ema: bool = False
     ema: bool = False
     metadata: dict = field(default_factory=dict)
+    # False for checkpoints shipped without VAE weights ("no-VAE" files): they need a VAE file,
+    # and config.vae is then the matching standard variant's VAE, which that file must fit.
+    has_vae: bool = True
 
     def state_dict(self, component: str) -> dict[str, torch.Tensor]:
         """One component's tensors with its prefix stripped (the module's own keys)."""
@@ -100,6 +103,8 @@ class Checkpoint:
         time: the float model never exists whole (not on the GPU either), and every tensor is a
         copy, so the file's pages are given back once the load returns.
         """
+        if component == "vae" and not self.has_vae:
+            raise CheckpointError(no_vae_message(self.path))
         with torch.device("meta"):
             model = build_model(component, self.config)
         state, scales, copy = self.state_dict(component), set(), False
@@ -149,10 +154,19 @@ def open_checkpoint(path: str | Path, ema: bool = False) -> Checkpoint:
     quantization = file_quantization(meta, tensors, path)  # refuses newer sdlite formats first
     cfg = detect(tensors, path)
     validate(tensors, cfg, path, quantized=quantization is not None)
-    return Checkpoint(path, fmt, tensors, cfg, has_ema=has_ema, ema=ema, metadata=meta,
+    return Checkpoint(path, fmt, tensors, cfg, has_ema=has_ema, ema=ema, metadata=meta, has_vae=_has(tensors, "vae"),
                       dtype=_stored_dtype(tensors),
                       size_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
                       quantization=quantization)
+
+
+def no_vae_message(path) -> str:
+    return (f"{path}: this checkpoint has no VAE weights; give a VAE file "
+            "(CLI: --vae PATH, Python: vae=PATH), e.g. vae-ft-mse-840000-ema-pruned.safetensors")
+
+
+def _has(tensors: dict, component: str) -> bool:
+    return any(k.startswith(PREFIXES[component]) for k in tensors)
 
 
 def _stored_dtype(tensors: dict) -> torch.dtype:
@@ -205,7 +219,8 @@ def _read_part(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
 
 
 def _read_diffusers(root: Path) -> dict[str, torch.Tensor]:
-    missing = [sub for sub, _ in DIFFUSERS_PARTS.values() if not (root / sub).is_dir()]
+    # a folder without vae/ is read like a no-VAE single file (it needs a VAE file)
+    missing = [sub for c, (sub, _) in DIFFUSERS_PARTS.items() if c != "vae" and not (root / sub).is_dir()]
     if missing:
         raise CheckpointError(
             f"{root}: not a diffusers Stable Diffusion folder (missing {', '.join(f'{m}/' for m in missing)}); "
@@ -213,6 +228,8 @@ def _read_diffusers(root: Path) -> dict[str, torch.Tensor]:
         )
     out = {}
     for component, (sub, names) in DIFFUSERS_PARTS.items():
+        if not (root / sub).is_dir():
+            continue
         state = _read_part(root / sub, names)
         converted, unknown = _diffusers_to_native(component, state)
         if unknown:
@@ -303,23 +320,26 @@ def detect(tensors: dict, path: Path | str = "checkpoint") -> ModelConfig:
         foreign = describe_foreign(tensors)
     if foreign:
         raise UnsupportedModelError(f"{path}: not an SD v1.x checkpoint: it looks like {foreign}")
-    for component in ("vae", "text"):
-        if not any(k.startswith(PREFIXES[component]) for k in tensors):
-            raise UnsupportedModelError(f"{path}: incomplete checkpoint: no {component} weights ({PREFIXES[component]}*)")
+    if not _has(tensors, "text"):
+        raise UnsupportedModelError(f"{path}: incomplete checkpoint: no text weights ({PREFIXES['text']}*)")
     unet = _infer_unet({k[len(PREFIXES["unet"]):]: v for k, v in tensors.items() if k.startswith(PREFIXES["unet"])}, path)
-    vae = _infer_vae({k[len(PREFIXES["vae"]):]: v for k, v in tensors.items() if k.startswith(PREFIXES["vae"])}, path)
+    # No VAE weights ("no-VAE" files): the matching variant's VAE stands in until a VAE file is given.
+    vae = _infer_vae({k[len(PREFIXES["vae"]):]: v for k, v in tensors.items() if k.startswith(PREFIXES["vae"])}, path) \
+        if _has(tensors, "vae") else None
     text = _infer_text({k[len(PREFIXES["text"]):]: v for k, v in tensors.items() if k.startswith(PREFIXES["text"])}, path)
     if text.width != unet.context_dim:
         raise UnsupportedModelError(f"{path}: text encoder width {text.width} does not match the UNet's context {unet.context_dim}")
-    return ModelConfig(_variant_name(unet, vae, text), unet, vae, text)
+    name, variant = _variant(unet, vae, text)
+    return ModelConfig(name, unet, vae or (variant or SD_V1).vae, text)
 
 
-def _variant_name(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig) -> str:
+def _variant(unet: UNetConfig, vae: VAEConfig | None, text: CLIPTextConfig) -> tuple[str, ModelConfig | None]:
+    """The name of the known variant these configs make (a VAE of None matches any), and that variant."""
     for name, v in VARIANTS.items():
-        if replace(v.unet, in_channels=unet.in_channels) == unet and v.vae == vae and v.text == text:
+        if replace(v.unet, in_channels=unet.in_channels) == unet and vae in (None, v.vae) and v.text == text:
             base = name.removesuffix("-inpainting")
-            return base + "-inpainting" if unet.in_channels == 9 else base
-    return "sd-v1-custom"
+            return (base + "-inpainting" if unet.in_channels == 9 else base), v
+    return "sd-v1-custom", None
 
 
 def _shape(sd: dict, key: str, path) -> torch.Size:
@@ -385,6 +405,8 @@ def validate(tensors: dict, cfg: ModelConfig, path, quantized: bool = False) -> 
     """
     expected = {}
     for component, prefix in PREFIXES.items():
+        if component == "vae" and not _has(tensors, "vae"):
+            continue  # a no-VAE checkpoint (detect() allows it)
         with torch.device("meta"):
             model = build_model(component, cfg)
         if quantized:
@@ -421,7 +443,7 @@ def validate(tensors: dict, cfg: ModelConfig, path, quantized: bool = False) -> 
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, ema: bool = False,
-                      int8: bool = False, int8_vae: bool = False) -> Path:
+                      int8: bool = False, int8_vae: bool = False, vae: str | Path | None = None) -> Path:
     """Write any supported checkpoint as a standard CompVis-layout single-file .safetensors.
 
     Only the weights inference uses are written (no EMA copy, no schedule buffers).
@@ -431,6 +453,8 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
     everything else in `dtype` (default float16), quantized one tensor at a time as it is
     written. An int8 source file is written as a float file (each weight times its scales, in
     `dtype`, default float16) unless `int8=True`, which keeps it int8.
+    `vae` bakes a standalone VAE file in, in place of the source's VAE (or where it has none).
+    A source without VAE weights is written without them unless `vae` is given.
     """
     dst = Path(dst).expanduser()
     if dst.suffix.lower() != ".safetensors":
@@ -443,6 +467,9 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
         raise CheckpointError(f"{dst.parent}: cannot write in this folder (permission denied)")
     ckpt = open_checkpoint(src, ema=ema)
     metadata = {"format": "pt", "sdlite.architecture": ckpt.config.name}
+    if vae is not None:
+        _bake_vae(ckpt, Path(vae).expanduser())
+        metadata["sdlite.vae"] = Path(vae).name
     if int8:
         return _export_int8(ckpt, dst, metadata, dtype or torch.float16, int8, int8_vae)
     if ckpt.quantization:  # back to a plain float file, which any tool reads as it is
@@ -450,6 +477,18 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
     out = {k: v for k, v in ckpt.tensors.items() if not _ignored(k)}
     save_safetensors(out, dst, metadata=metadata, cast=dtype)
     return dst
+
+
+def _bake_vae(ckpt: Checkpoint, vae: Path) -> None:
+    """Put a VAE file's weights in the opened checkpoint in place of its own (checked to fit)."""
+    from .vaefile import read_vae_tensors, vae_config
+
+    tensors = read_vae_tensors(vae)
+    cfg = vae_config(vae, tensors, ckpt.config.vae)
+    prefix = PREFIXES["vae"]
+    kept = {k: v for k, v in ckpt.tensors.items() if not k.startswith(prefix)}
+    ckpt.tensors = {**kept, **{prefix + k: v for k, v in tensors.items()}}
+    ckpt.config, ckpt.has_vae = replace(ckpt.config, vae=cfg), True
 
 
 def _export_dequantized(ckpt: Checkpoint, dst: Path, metadata: dict, dtype: torch.dtype) -> Path:

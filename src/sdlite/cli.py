@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import os
 import random
@@ -69,7 +68,8 @@ examples:
     "convert": """\
 examples:
   sdlite convert v1-5-pruned.ckpt v1-5-fp16.safetensors --dtype fp16
-  sdlite convert ./my-diffusers-model/ my-model.safetensors""",
+  sdlite convert ./my-diffusers-model/ my-model.safetensors
+  sdlite convert model-novae.safetensors model.safetensors --vae vae-ft-mse-840000-ema-pruned.safetensors""",
     "info": """\
 examples:
   sdlite info v1-5-pruned-emaonly.safetensors
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="export the EMA UNet weights of files that carry both")
     p.add_argument("--int8", action="store_true",
                    help="quantize the UNet and text encoder to per-channel int8 (loads directly; about 1/4 of the fp32 file)")
+    p.add_argument("--vae", metavar="PATH", help="bake in this VAE file (.safetensors/.ckpt or diffusers vae/ folder) "
+                                                 "in place of IN's own VAE, or where IN has none")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)
 
@@ -254,7 +256,7 @@ def _generation_parent() -> argparse.ArgumentParser:
     g.add_argument("--model", "-m", metavar="PATH",
                    help="SD v1.x checkpoint (.safetensors/.ckpt) or diffusers folder (default: $SDLITE_MODEL)")
     g.add_argument("--vae", metavar="PATH", help="a separate VAE (.safetensors/.ckpt, e.g. vae-ft-mse-840000) "
-                                                 "or diffusers vae/ folder")
+                                                 "or diffusers vae/ folder; needed by checkpoints without one")
     g.add_argument("--device", default="auto", choices=DEVICES,
                    help="compute device (default auto: cuda, else mps, else cpu)")
     g.add_argument("--dtype", type=_dtype_name, metavar="{fp32,fp16,bf16}",
@@ -574,11 +576,10 @@ def load_model(model_arg: str | None, vae_arg: str | None, device_name: str, dty
     device = resolve_device(device_name)
     dtype = getattr(torch, dtype_name) if dtype_name else None
     start = time.perf_counter()
-    sd = StableDiffusion(path, device=device, dtype=dtype, memory=memory, **options)
+    vae_path = Path(vae_arg).expanduser() if vae_arg else None
+    sd = StableDiffusion(path, device=device, dtype=dtype, memory=memory, vae=vae_path, **options)
     model = Model(sd, meta.model_hash(path), meta.model_name(path))
-    if vae_arg:
-        vae_path = Path(vae_arg).expanduser()
-        use_vae_file(sd, vae_path)
+    if vae_path:
         model.vae_hash, model.vae_name = meta.model_hash(vae_path), vae_path.name
     dtype_label = str(sd.dtype).removeprefix("torch.")
     model.label = f"{model.name} ({sd.config.name}) on {device.type}, {dtype_label}"
@@ -639,101 +640,6 @@ def _call_pipeline(sd, run: Run, prompt: str, ui: UI, label: str):
 # A separate VAE file
 
 
-def read_vae_tensors(path: Path) -> dict:
-    """A standalone VAE's tensors in native (CompVis `first_stage_model.`-less) keys, or CheckpointError.
-
-    Accepts CompVis-layout files (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`;
-    `loss.*` ignored; a `state_dict` wrapper or a `first_stage_model.` prefix stripped),
-    diffusers-layout files, and diffusers `vae/` folders.
-    """
-    from . import checkpoint as ck
-    from .tensorfile import load_pickle, load_safetensors
-
-    import torch
-
-    if path.is_dir():
-        folder = path / "vae" if (path / "vae").is_dir() else path
-        file = next((folder / n for n in ck._DIFFUSERS_FILES if (folder / n).is_file()), None)
-        if file is None:
-            raise CheckpointError(f"{path}: no VAE weights (diffusion_pytorch_model.safetensors) in this folder")
-        path = file
-    if path.suffix.lower() == ".safetensors":
-        tensors = load_safetensors(path)[0]
-    elif path.suffix.lower() in ck.SINGLE_FILE_SUFFIXES:
-        obj = load_pickle(path)
-        if isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    else:
-        raise CheckpointError(f"{path}: unknown VAE file type (expected .safetensors, .ckpt or a diffusers vae/ folder)")
-    if any(k.startswith(ck.PREFIXES["unet"]) for k in tensors):
-        raise CheckpointError(f"{path}: this is a full checkpoint, not a VAE; pass it with --model")
-    prefix = ck.PREFIXES["vae"]
-    if any(k.startswith(prefix) for k in tensors):
-        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    tensors = {k: v for k, v in tensors.items() if not k.startswith(("loss.", "model_ema."))}
-    if any(".down_blocks." in k or ".mid_block." in k for k in tensors):
-        tensors, unknown = ck._diffusers_to_native("vae", tensors)
-        if unknown:
-            raise CheckpointError(f"{path}: unexpected keys for a VAE: {ck._few(unknown)}")
-    if "encoder.conv_in.weight" not in tensors or "decoder.conv_out.weight" not in tensors:
-        what = ck.describe_foreign(tensors) if tensors else "an empty file"
-        raise CheckpointError(f"{path}: not a VAE file: it looks like {what}")
-    return tensors
-
-
-def use_vae_file(sd, path: Path) -> None:
-    """Make the pipeline use the VAE from `path`: now, and whenever it (re)loads its VAE
-    (memory="low" frees each model after its stage and loads it again when needed)."""
-    def load_it():  # onto the device, or into host memory where the VAE waits between stages
-        return sd.prepare("vae", load_vae(path, sd.config.vae, device=sd.load_device("vae"), dtype=sd.dtype))
-
-    vae = load_it()  # validates now
-    if sd.vae is not None:
-        sd.replace("vae", vae)
-    del vae
-    load_component = sd.load_component
-
-    def load(component: str):
-        return load_it() if component == "vae" else load_component(component)
-
-    sd.load_component = load
-
-
-def load_vae(path: Path, model_vae_cfg, device="cpu", dtype=None):
-    """Build sdlite's AutoencoderKL from a standalone VAE file, checked against the model's latent space."""
-    import torch
-
-    from . import checkpoint as ck
-    from .vae import AutoencoderKL
-
-    tensors = read_vae_tensors(path)
-    try:
-        cfg = ck._infer_vae(tensors, path)
-    except UnsupportedModelError as e:
-        raise CheckpointError(f"{path}: not a usable VAE ({e})") from None
-    if (cfg.embed_dim, cfg.z_channels, cfg.downscale) != (model_vae_cfg.embed_dim, model_vae_cfg.z_channels,
-                                                          model_vae_cfg.downscale):
-        raise CheckpointError(f"{path}: this VAE does not fit the model (latent channels {cfg.embed_dim}, "
-                              f"downscale {cfg.downscale}; the model has {model_vae_cfg.embed_dim} and "
-                              f"{model_vae_cfg.downscale})")
-    cfg = dataclasses.replace(cfg, scale_factor=model_vae_cfg.scale_factor)
-    with torch.device("meta"):
-        vae = AutoencoderKL(cfg)
-    expected = {k: v.shape for k, v in vae.state_dict().items()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [k for k in sorted(set(expected) & set(tensors)) if tensors[k].shape != expected[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{len(x)} {what}: {ck._few(x, 3)}" for x, what in
-                 ((missing, "missing keys"), (unexpected, "unexpected keys"), (wrong, "wrong shapes")) if x]
-        raise CheckpointError(f"{path}: not an SD v1 VAE: " + "; ".join(parts))
-    state = {k: v.to(device=device, dtype=dtype or v.dtype) if v.is_floating_point() else v.to(device)
-             for k, v in tensors.items()}
-    vae.load_state_dict(state, strict=True, assign=True)
-    return vae.eval().requires_grad_(False)
-
-
 # ---------------------------------------------------------------------------------------------
 # convert, info, samplers, demo
 
@@ -746,6 +652,9 @@ def cmd_convert(args, ui: UI) -> int:
     src, dst = Path(args.input).expanduser(), Path(args.output).expanduser()
     if not src.exists():
         raise InputError(f"{src}: no such file or directory")
+    vae = Path(args.vae).expanduser() if args.vae else None
+    if vae and not vae.exists():
+        raise InputError(f"--vae {args.vae}: no such file or directory")
     if dst.suffix.lower() != ".safetensors":
         raise InputError(f"{dst}: the output must be a .safetensors file")
     if dst.exists() and src.resolve() == dst.resolve():
@@ -761,9 +670,10 @@ def cmd_convert(args, ui: UI) -> int:
     start = time.perf_counter()
     with _terminate_as_interrupt():  # `kill`, `timeout`, systemd: the partial file is removed too
         export_checkpoint(src, dst, dtype=getattr(torch, args.dtype) if args.dtype else None, ema=args.ema,
-                          int8=args.int8)
+                          int8=args.int8, vae=vae)
     ckpt = open_checkpoint(dst)  # prove the result loads
-    kind = _dtype(ckpt.dtype) + (" + int8 per-channel" if ckpt.quantization else "")
+    kind = _dtype(ckpt.dtype) + (" + int8 per-channel" if ckpt.quantization else "") \
+        + (f", VAE {vae.name} baked in" if vae else "" if ckpt.has_vae else ", no VAE")
     ui.out(f"wrote {dst}: {ckpt.config.name}, {kind}, {_size(dst.stat().st_size)}, "
            f"model hash {meta.model_hash(dst)} ({time.perf_counter() - start:.1f} s)")
     return 0
@@ -823,6 +733,7 @@ def checkpoint_info(path: Path) -> dict:
 
     from .checkpoint import open_checkpoint
     from .quantize import _is_scale
+    from .vaefile import read_vae_tensors
 
     try:
         ckpt = open_checkpoint(path)
@@ -844,7 +755,9 @@ def checkpoint_info(path: Path) -> dict:
         "format": {"safetensors": "single file, safetensors", "ckpt": "single file, pickle (.ckpt)",
                    "diffusers": "diffusers folder"}[ckpt.format],
         "architecture": f"{ckpt.config.name}: {kinds.get(ckpt.config.name, ckpt.config.name)}",
-        "parameters": f"UNet {_count(counts['unet'])}, VAE {_count(counts['vae'])}, text encoder {_count(counts['text'])}",
+        "parameters": f"UNet {_count(counts['unet'])}, "
+                      + (f"VAE {_count(counts['vae'])}" if ckpt.has_vae else "no VAE (give one with --vae)")
+                      + f", text encoder {_count(counts['text'])}",
         "dtype": _dtype(ckpt.dtype) + (f" ({' and '.join(int8_parts)} int8 per-channel, sdlite format 1)"
                                        if ckpt.quantization == "int8" else ""),
         "size": _size(ckpt.size_bytes) + (f" (file {_size(path.stat().st_size)})" if path.is_file() else ""),

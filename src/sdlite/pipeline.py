@@ -18,7 +18,7 @@ import random
 import traceback
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,11 +28,12 @@ from PIL import Image
 from . import attention as attn
 from . import images as imgs
 from . import parking, precision, samplers, schedule, tiling
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, no_vae_message, open_checkpoint
 from .parking import HostCopy
 from .precision import compute_in
-from .errors import InputError, SdliteError
+from .errors import CheckpointError, InputError, SdliteError
 from .tokenizer import get_tokenizer
+from .vaefile import load_vae, read_vae_tensors, vae_config
 
 Callback = Callable[[int, int, torch.Tensor], None]
 
@@ -258,6 +259,9 @@ class StableDiffusion:
       and on CUDA above one 512x512 image (width x height x batch_size).
     - `channels_last`: the UNet's convolutions in NHWC (cuDNN's own layout; about 20 % faster
       on an H100). None (default) = on for a float UNet on CUDA; CUDA only.
+    - `vae`: a standalone VAE file (.safetensors/.ckpt, CompVis or diffusers layout) or a
+      diffusers vae/ folder, used instead of the checkpoint's VAE (e.g. vae-ft-mse-840000);
+      required by checkpoints shipped without VAE weights. Checked to fit when given.
     - `fast`: opt-in speed that changes the arithmetic: on CUDA torch.compile (+ CUDA graphs),
       on the CPU int8 x int8 UNet products (fastcpu.py; the UNet is held in int8). Exact mode
       (the default) keeps the reference's results within float rounding.
@@ -267,7 +271,8 @@ class StableDiffusion:
                  dtype: torch.dtype | None = None, ema: bool = False, memory: str = "normal",
                  quantize: str = "none", attention: str = "sdpa", attention_chunk: int | None = None,
                  vae_tiling: str = "auto", cuda_graphs: bool | None = None, fast: bool = False,
-                 channels_last: bool | None = None, cfg_batch: bool | None = None):
+                 channels_last: bool | None = None, cfg_batch: bool | None = None,
+                 vae: str | Path | None = None):
         if memory not in MEMORY_MODES:
             raise InputError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         if quantize not in QUANTIZE_MODES:
@@ -298,6 +303,7 @@ class StableDiffusion:
         elif fast and self.device.type not in ("cpu", "cuda"):
             warnings.warn(f"fast mode has no {self.device.type} path; running exact mode", stacklevel=2)
         self.config = self.checkpoint.config
+        self.vae_file, vae_tensors = self._check_vae_file(vae)
         self.text_encoder = self.unet = self.vae = None
         self.tokenizer = get_tokenizer()
         self.alphas_cumprod = schedule.alphas_cumprod()
@@ -311,10 +317,31 @@ class StableDiffusion:
         self._replaced: dict[str, torch.nn.Module] = {}  # replace()d models, by component
         if memory != "low":
             for component in COMPONENT_ATTRS:
+                if component == "vae" and vae_tensors is not None:  # the file just checked: read once
+                    self.vae = self.prepare("vae", load_vae(self.vae_file, self.config.vae, self.load_device("vae"),
+                                                            self.dtype, vae_tensors))
+                    vae_tensors = None
                 self._loaded(component)
 
+    def _check_vae_file(self, vae: str | Path | None) -> tuple[Path | None, dict | None]:
+        """(path, tensors) of the `vae` file, checked to fit the model; config.vae becomes its
+        architecture. A checkpoint without VAE weights needs one."""
+        if vae is None:
+            if not self.checkpoint.has_vae:
+                raise CheckpointError(no_vae_message(self.checkpoint.path))
+            return None, None
+        if not isinstance(vae, (str, os.PathLike)):
+            raise InputError(f"vae must be a path to a VAE file or folder, got {type(vae).__name__}")
+        path = Path(vae).expanduser()
+        tensors = read_vae_tensors(path)
+        self.config = replace(self.config, vae=vae_config(path, tensors, self.config.vae))
+        return path, tensors
+
     def load_component(self, component: str) -> torch.nn.Module:
-        """Load one model from the checkpoint for this device and compute dtype."""
+        """Load one model from the checkpoint (the VAE from `vae_file` when given) for this
+        device and compute dtype."""
+        if component == "vae" and self.vae_file is not None:
+            return self.prepare("vae", load_vae(self.vae_file, self.config.vae, self.load_device("vae"), self.dtype))
         stored = self.checkpoint.dtype
         keep_stored = self.device.type == "cpu" and stored != self.dtype and stored in (torch.float16, torch.bfloat16) \
             and self.dtype == torch.float32
