@@ -17,6 +17,7 @@ AutoV2). Full hashes are cached in the user cache dir, keyed by path, size and m
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -294,21 +295,37 @@ def _save_hash_cache(cache: dict) -> None:
 
 
 def check_outdir(outdir: str | os.PathLike) -> Path:
-    """Create the output folder if needed and make sure files can be written in it."""
+    """Make sure images can be written to the output folder, before any model loads, without
+    creating it (save_png does, so a run that fails before its first image leaves no empty
+    folder behind): an existing folder is probed with a temporary file; for a new one, the
+    nearest existing parent must be a folder this process can write in."""
     outdir = Path(outdir).expanduser()
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=outdir, prefix=".sdlite-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        if outdir.exists():
+            if not outdir.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            fd, probe = tempfile.mkstemp(dir=outdir, prefix=".sdlite-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            parent = next(p for p in outdir.absolute().parents if p.exists())
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as e:
-        reason = e.strerror or e.__class__.__name__
-        raise SdliteError(f"cannot write to output folder {outdir}: {reason}") from None
+        raise SdliteError(f"cannot write to output folder {outdir}: {_reason(e)}") from None
     return outdir
 
 
+def _reason(e: OSError) -> str:
+    return e.strerror or e.__class__.__name__
+
+
 def next_index(outdir: Path) -> int:
-    """1 + the highest NNNNN- number among the folder's files (0 for an empty folder)."""
+    """1 + the highest NNNNN- number among the folder's files (0 for an empty or new folder)."""
+    if not outdir.is_dir():
+        return 0
     numbers = [int(m.group(1)) for p in outdir.iterdir() if (m := _NAME_RE.match(p.name))]
     return max(numbers, default=-1) + 1
 
@@ -318,8 +335,12 @@ def save_png(image: Image.Image, outdir: Path, seed: int, parameters: str, index
 
     The image is written to a hidden temporary file in `outdir`, then hard-linked to the first
     free name (an atomic create-if-absent), so a concurrent run or an interrupt cannot clobber
-    or truncate an image.
+    or truncate an image. `outdir` is created (with its parents) if needed.
     """
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SdliteError(f"cannot write to output folder {outdir}: {_reason(e)}") from None
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)  # tEXt, or iTXt for non-Latin-1 prompts
     fd, tmp = tempfile.mkstemp(dir=outdir, prefix=".sdlite-", suffix=".png.partial")
