@@ -469,7 +469,9 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
     metadata = {"format": "pt", "sdlite.architecture": ckpt.config.name}
     if vae is not None:
         _bake_vae(ckpt, Path(vae).expanduser())
-        metadata["sdlite.vae"] = Path(vae).name
+        from .vaefile import vae_name
+
+        metadata["sdlite.vae"] = vae_name(vae)
     if int8:
         return _export_int8(ckpt, dst, metadata, dtype or torch.float16, int8, int8_vae)
     if ckpt.quantization:  # back to a plain float file, which any tool reads as it is
@@ -480,14 +482,15 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
 
 
 def _bake_vae(ckpt: Checkpoint, vae: Path) -> None:
-    """Put a VAE file's weights in the opened checkpoint in place of its own (checked to fit)."""
+    """Put a VAE file's weights in the opened checkpoint in place of its own (checked to fit),
+    in the checkpoint's stored dtype (an fp32 VAE baked into an fp16 file is fp16 too)."""
     from .vaefile import read_vae_tensors, vae_config
 
     tensors = read_vae_tensors(vae)
-    cfg = vae_config(vae, tensors, ckpt.config.vae)
+    cfg = vae_config(vae, tensors, ckpt.config.vae, None if ckpt.has_vae else ckpt.config.unet.out_channels)
     prefix = PREFIXES["vae"]
     kept = {k: v for k, v in ckpt.tensors.items() if not k.startswith(prefix)}
-    ckpt.tensors = {**kept, **{prefix + k: v for k, v in tensors.items()}}
+    ckpt.tensors = {**kept, **{prefix + k: v.to(ckpt.dtype) if v.is_floating_point() else v for k, v in tensors.items()}}
     ckpt.config, ckpt.has_vae = replace(ckpt.config, vae=cfg), True
 
 

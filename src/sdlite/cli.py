@@ -569,6 +569,7 @@ def load_model(model_arg: str | None, vae_arg: str | None, device_name: str, dty
     import torch
 
     from .pipeline import StableDiffusion
+    from .vaefile import vae_name
 
     path = resolve_model_path(model_arg)
     if vae_arg and not Path(vae_arg).expanduser().exists():
@@ -580,7 +581,7 @@ def load_model(model_arg: str | None, vae_arg: str | None, device_name: str, dty
     sd = StableDiffusion(path, device=device, dtype=dtype, memory=memory, vae=vae_path, **options)
     model = Model(sd, meta.model_hash(path), meta.model_name(path))
     if vae_path:
-        model.vae_hash, model.vae_name = meta.model_hash(vae_path), vae_path.name
+        model.vae_hash, model.vae_name = meta.model_hash(vae_path), vae_name(vae_path)
     dtype_label = str(sd.dtype).removeprefix("torch.")
     model.label = f"{model.name} ({sd.config.name}) on {device.type}, {dtype_label}"
     ui.note(f"loaded {model.label}{' with VAE ' + model.vae_name if model.vae_name else ''} "
@@ -637,10 +638,6 @@ def _call_pipeline(sd, run: Run, prompt: str, ui: UI, label: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# A separate VAE file
-
-
-# ---------------------------------------------------------------------------------------------
 # convert, info, samplers, demo
 
 
@@ -648,6 +645,7 @@ def cmd_convert(args, ui: UI) -> int:
     import torch
 
     from .checkpoint import export_checkpoint, open_checkpoint
+    from .vaefile import vae_name
 
     src, dst = Path(args.input).expanduser(), Path(args.output).expanduser()
     if not src.exists():
@@ -673,7 +671,7 @@ def cmd_convert(args, ui: UI) -> int:
                           int8=args.int8, vae=vae)
     ckpt = open_checkpoint(dst)  # prove the result loads
     kind = _dtype(ckpt.dtype) + (" + int8 per-channel" if ckpt.quantization else "") \
-        + (f", VAE {vae.name} baked in" if vae else "" if ckpt.has_vae else ", no VAE")
+        + (f", VAE {vae_name(vae)} baked in" if vae else "" if ckpt.has_vae else ", no VAE")
     ui.out(f"wrote {dst}: {ckpt.config.name}, {kind}, {_size(dst.stat().st_size)}, "
            f"model hash {meta.model_hash(dst)} ({time.perf_counter() - start:.1f} s)")
     return 0
@@ -738,6 +736,8 @@ def checkpoint_info(path: Path) -> dict:
     try:
         ckpt = open_checkpoint(path)
     except (UnsupportedModelError, CheckpointError) as error:  # a standalone VAE (file or diffusers vae/)?
+        if (path / "unet").is_dir():  # a broken diffusers model folder, not a VAE
+            raise
         try:
             tensors = read_vae_tensors(path)
         except CheckpointError:
@@ -762,6 +762,7 @@ def checkpoint_info(path: Path) -> dict:
                                        if ckpt.quantization == "int8" else ""),
         "size": _size(ckpt.size_bytes) + (f" (file {_size(path.stat().st_size)})" if path.is_file() else ""),
         "ema_weights": "yes" if ckpt.has_ema else "no",
+        "vae_weights": "yes" if ckpt.has_vae else "no (give a VAE file with --vae)",
     }
     if path.is_file():
         digest = meta.sha256_file(path)

@@ -301,18 +301,17 @@ def check_outdir(outdir: str | os.PathLike) -> Path:
     nearest existing parent must be a folder this process can write in."""
     outdir = Path(outdir).expanduser()
     try:
-        if outdir.exists():
-            if not outdir.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        # the folder itself or its nearest parent that is there (a dangling or looping symlink
+        # counts as there, and is refused: it is not a folder)
+        there = next(p for p in (outdir.absolute(), *outdir.absolute().parents) if os.path.lexists(p))
+        if not there.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if there == outdir.absolute():
             fd, probe = tempfile.mkstemp(dir=outdir, prefix=".sdlite-probe-")
             os.close(fd)
             os.unlink(probe)
-        else:
-            parent = next(p for p in outdir.absolute().parents if p.exists())
-            if not parent.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        elif not os.access(there, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as e:
         raise SdliteError(f"cannot write to output folder {outdir}: {_reason(e)}") from None
     return outdir

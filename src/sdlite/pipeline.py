@@ -33,7 +33,7 @@ from .parking import HostCopy
 from .precision import compute_in
 from .errors import CheckpointError, InputError, SdliteError
 from .tokenizer import get_tokenizer
-from .vaefile import load_vae, read_vae_tensors, vae_config
+from .vaefile import load_vae, read_vae_tensors, vae_config, vae_name
 
 Callback = Callable[[int, int, torch.Tensor], None]
 
@@ -303,7 +303,8 @@ class StableDiffusion:
         elif fast and self.device.type not in ("cpu", "cuda"):
             warnings.warn(f"fast mode has no {self.device.type} path; running exact mode", stacklevel=2)
         self.config = self.checkpoint.config
-        self.vae_file, vae_tensors = self._check_vae_file(vae)
+        # the VAE file's tensors, read to check it, are used by its first load (then dropped)
+        self.vae_file, self._vae_tensors = self._check_vae_file(vae)
         self.text_encoder = self.unet = self.vae = None
         self.tokenizer = get_tokenizer()
         self.alphas_cumprod = schedule.alphas_cumprod()
@@ -317,11 +318,8 @@ class StableDiffusion:
         self._replaced: dict[str, torch.nn.Module] = {}  # replace()d models, by component
         if memory != "low":
             for component in COMPONENT_ATTRS:
-                if component == "vae" and vae_tensors is not None:  # the file just checked: read once
-                    self.vae = self.prepare("vae", load_vae(self.vae_file, self.config.vae, self.load_device("vae"),
-                                                            self.dtype, vae_tensors))
-                    vae_tensors = None
                 self._loaded(component)
+        self._vae_tensors = None  # low mode: read again at each decode
 
     def _check_vae_file(self, vae: str | Path | None) -> tuple[Path | None, dict | None]:
         """(path, tensors) of the `vae` file, checked to fit the model; config.vae becomes its
@@ -334,27 +332,41 @@ class StableDiffusion:
             raise InputError(f"vae must be a path to a VAE file or folder, got {type(vae).__name__}")
         path = Path(vae).expanduser()
         tensors = read_vae_tensors(path)
-        self.config = replace(self.config, vae=vae_config(path, tensors, self.config.vae))
+        latents = None if self.checkpoint.has_vae else self.config.unet.out_channels  # no VAE of its own
+        self.config = replace(self.config, vae=vae_config(path, tensors, self.config.vae, latents))
         return path, tensors
 
     def load_component(self, component: str) -> torch.nn.Module:
         """Load one model from the checkpoint (the VAE from `vae_file` when given) for this
         device and compute dtype."""
         if component == "vae" and self.vae_file is not None:
-            return self.prepare("vae", load_vae(self.vae_file, self.config.vae, self.load_device("vae"), self.dtype))
-        stored = self.checkpoint.dtype
-        keep_stored = self.device.type == "cpu" and stored != self.dtype and stored in (torch.float16, torch.bfloat16) \
-            and self.dtype == torch.float32
-        # float32 compute chosen over a slow reduced dtype: the weights are stored in that dtype
-        load_dtype = None if keep_stored else (self.storage_dtype or self.dtype)
+            tensors, self._vae_tensors = self._vae_tensors, None
+            tensors = read_vae_tensors(self.vae_file) if tensors is None else tensors
+            stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+            load_dtype, wrap = self._load_dtype(stored)
+            model = load_vae(self.vae_file, self.config.vae, self.load_device("vae"), load_dtype, tensors)
+            del tensors
+            # the file was read for this load alone: its pages can go once the weights are packed
+            return self.prepare("vae", compute_in(model, self.dtype) if wrap else model, release=True)
+        load_dtype, wrap = self._load_dtype(self.checkpoint.dtype)
         # quantized while loading; an int8 file is used as it is
         int8 = self.quantize == "int8" or (component == "unet" and self._fast_cpu)
         model = self.checkpoint.load(component, load_dtype, self.load_device(component), int8=int8)
-        model = compute_in(model, self.dtype) if keep_stored or self.storage_dtype else model
+        model = compute_in(model, self.dtype) if wrap else model
         # The re-packed weights' file pages can be dropped when they are this load's own memory
         # map (a released checkpoint); drop_pages leaves memory that is not a file mapping alone
         # (e.g. weights converted to another dtype while loading).
         return self.prepare(component, model, release=self.checkpoint.tensors is None)
+
+    def _load_dtype(self, stored: torch.dtype) -> tuple[torch.dtype | None, bool]:
+        """(dtype to load weights stored in `stored` in, None = as stored; whether the model then
+        computes in self.dtype layer by layer). On the CPU, fp16/bf16-stored weights stay as
+        stored under float32 compute (no full-precision copy)."""
+        keep_stored = self.device.type == "cpu" and stored != self.dtype and stored in (torch.float16, torch.bfloat16) \
+            and self.dtype == torch.float32
+        # float32 compute chosen over a slow reduced dtype: the weights are stored in that dtype
+        load_dtype = None if keep_stored else (self.storage_dtype or self.dtype)
+        return load_dtype, keep_stored or self.storage_dtype is not None
 
     def prepare(self, component: str, model: torch.nn.Module, release: bool = False) -> torch.nn.Module:
         """The run-time speed-ups for a loaded model (also for one loaded elsewhere, e.g. a VAE
@@ -652,7 +664,8 @@ class StableDiffusion:
             p = {"mode": mode, "prompt": job.prompts[i], "negative_prompt": job.negatives[i], "seed": seed,
                  "steps": job.steps, "sampler": job.sampler, "sampler_label": samplers.sampler_label(job.sampler, job.karras),
                  "karras": job.karras, "cfg_scale": job.guidance_scale, "width": job.width, "height": job.height,
-                 "clip_skip": job.clip_skip, "model": self.checkpoint.path.stem, "architecture": self.config.name}
+                 "clip_skip": job.clip_skip, "model": self.checkpoint.path.stem, "architecture": self.config.name,
+                 "vae": vae_name(self.vae_file) if self.vae_file else None}
             if job.eta is not None and job.sampler in ETA_SAMPLERS:
                 p["eta"] = job.eta
             params.append({**p, **extra})

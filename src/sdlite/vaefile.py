@@ -17,6 +17,12 @@ from .errors import CheckpointError, UnsupportedModelError
 from .vae import AutoencoderKL
 
 
+def vae_name(path: str | Path) -> str:
+    """How a VAE file is named in metadata: its file name; a diffusers `vae/` folder as `model/vae`."""
+    path = Path(path).expanduser()
+    return f"{path.absolute().parent.name}/{path.name}" if path.is_dir() and path.name == "vae" else path.name
+
+
 def read_vae_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """A standalone VAE's tensors in native (CompVis, `first_stage_model.`-less) keys, or CheckpointError.
 
@@ -60,15 +66,21 @@ def read_vae_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def vae_config(path: str | Path, tensors: dict[str, torch.Tensor], model_vae: VAEConfig) -> VAEConfig:
+def vae_config(path: str | Path, tensors: dict[str, torch.Tensor], model_vae: VAEConfig,
+               latent_channels: int | None = None) -> VAEConfig:
     """The architecture of the VAE in `tensors`, checked to fit a model whose VAE is `model_vae`
     (same latent channels and downscale; the model's latent scale factor is kept), and checked
-    key by key. CheckpointError names what does not fit."""
+    key by key. CheckpointError names what does not fit. For a model without a VAE of its own,
+    give `latent_channels` (its UNet's): then only those must match, at any downscale."""
     try:
         cfg = ck._infer_vae(tensors, path)
     except UnsupportedModelError as e:
         raise CheckpointError(f"{path}: not a usable VAE ({e})") from None
-    if (cfg.embed_dim, cfg.z_channels, cfg.downscale) != (model_vae.embed_dim, model_vae.z_channels, model_vae.downscale):
+    if latent_channels is not None:
+        if cfg.embed_dim != latent_channels:
+            raise CheckpointError(f"{path}: this VAE does not fit the model (latent channels {cfg.embed_dim}; "
+                                  f"the model's UNet works on {latent_channels})")
+    elif (cfg.embed_dim, cfg.z_channels, cfg.downscale) != (model_vae.embed_dim, model_vae.z_channels, model_vae.downscale):
         raise CheckpointError(f"{path}: this VAE does not fit the model (latent channels {cfg.embed_dim}, "
                               f"downscale {cfg.downscale}; the model has {model_vae.embed_dim} and "
                               f"{model_vae.downscale})")
