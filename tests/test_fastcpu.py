@@ -126,8 +126,8 @@ def test_fast_mode_on_the_cpu(full):
 @needs_fast
 def test_fast_mode_with_low_memory(tiny):
     sd = StableDiffusion(tiny.folder, fast=True, memory="low")
-    image = sd.txt2img("a cat", width=32, height=32, steps=2, seed=1).images[0]
-    assert image.size == (32, 32)
+    res = sd.txt2img("a cat", width=32, height=32, steps=2, seed=1)
+    assert res.images[0].size == (32, 32) and res.params[0]["fast"] is True
     unet = sd.resident("unet")
     assert any(isinstance(m, fastcpu.FastInt8Conv2d) for m in unet.modules())
 
@@ -139,3 +139,4 @@ def test_fast_mode_off_cpu_float32_warns_and_runs_exact(tiny, monkeypatch):
     with pytest.warns(UserWarning, match="fast mode on the CPU"):
         sd = StableDiffusion(tiny.folder, fast=True, dtype=torch.bfloat16)
     assert not any(isinstance(m, fastcpu.FastInt8Conv2d) for m in sd.unet.modules())
+    assert sd._run_options()["fast"] is False  # recorded as it ran: exact

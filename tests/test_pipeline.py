@@ -313,6 +313,14 @@ def test_bad_prompts_options_and_image_types_are_clear_errors(tiny_sd):
     assert [p["prompt"] for p in res.params] == ["a", "b"] and res.params[0]["eta"] == 0.5
 
 
+def test_params_record_the_options_that_change_the_image(tiny, tiny_sd):
+    run = dict(width=32, height=32, steps=1, seed=2)
+    p = tiny_sd.txt2img(PROMPT, **run).params[0]
+    assert (p["dtype"], p["quantize"], p["fast"], p["ema"], p["vae"]) == ("float32", "none", False, False, None)
+    p = StableDiffusion(tiny.folder, quantize="int8", ema=False).txt2img(PROMPT, **run).params[0]
+    assert (p["dtype"], p["quantize"], p["fast"]) == ("float32", "int8", False)
+
+
 def test_bad_device_and_dtype_are_clear_errors(tiny):
     for kw, msg in ((dict(device="gpu"), "unknown device 'gpu'"), (dict(device=3.5), "unknown device 3.5"),
                     (dict(dtype="float16"), "dtype must be torch.float32, torch.float16 or torch.bfloat16"),

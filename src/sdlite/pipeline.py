@@ -657,6 +657,13 @@ class StableDiffusion:
     def _sigmas(self, job: _Job) -> torch.Tensor:
         return samplers.get_sigmas(job.sampler, job.steps, job.karras, alphas_cumprod=self.alphas_cumprod)
 
+    def _run_options(self) -> dict:
+        """The options of this pipeline that change the image: compute dtype, int8 weights (asked
+        for or from an int8 file), fast mode where it applies, EMA weights."""
+        return {"dtype": str(self.dtype).removeprefix("torch."),
+                "quantize": "int8" if self.quantize == "int8" or self.checkpoint.quantization else "none",
+                "fast": self._fast_cpu or self.compiles_unet, "ema": self.checkpoint.ema}
+
     def _finish(self, latents: torch.Tensor, job: _Job, mode: str, extra: dict) -> Result:
         pictures = imgs.to_pil(self.decode(latents))
         params = []
@@ -665,7 +672,7 @@ class StableDiffusion:
                  "steps": job.steps, "sampler": job.sampler, "sampler_label": samplers.sampler_label(job.sampler, job.karras),
                  "karras": job.karras, "cfg_scale": job.guidance_scale, "width": job.width, "height": job.height,
                  "clip_skip": job.clip_skip, "model": self.checkpoint.path.stem, "architecture": self.config.name,
-                 "vae": vae_name(self.vae_file) if self.vae_file else None}
+                 "vae": vae_name(self.vae_file) if self.vae_file else None, **self._run_options()}
             if job.eta is not None and job.sampler in ETA_SAMPLERS:
                 p["eta"] = job.eta
             params.append({**p, **extra})
