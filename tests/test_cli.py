@@ -103,7 +103,17 @@ def test_help_everywhere_with_examples(capsys):
 
 def test_version(capsys):
     rc, out, _ = run(capsys, "--version")
-    assert rc == 0 and out.startswith("sdlite 0.1.0")
+    assert rc == 0 and out.startswith("sdlite 0.1.0") and "torch 2." in out
+
+
+def test_the_command_starts_without_torch(tmp_path):
+    """`sdlite --help` and usage errors answer without importing torch (0.08 instead of 1.5 s
+    here); torch is imported inside the command's error handling, where a Ctrl-C is exit 130."""
+    code = ("import sys, sdlite.cli, sdlite; assert 'torch' not in sys.modules; "
+            "rc = sdlite.cli.main(['--help']); assert 'torch' not in sys.modules; "
+            "assert sdlite.TINY.name == 'tiny' and sdlite.open_checkpoint; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr
 
 
 def test_samplers_lists_names_and_a1111_labels(capsys):
@@ -742,3 +752,95 @@ def test_info_into_a_pipe_closed_early_exits_quietly(tiny_file):
     done = subprocess.run(f"{sys.executable} -m sdlite info {tiny_file} | true; echo rc=${{PIPESTATUS[0]}}",
                           shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "rc=0" and "Error" not in done.stderr, (done.stdout, done.stderr)
+
+
+def test_generation_into_a_pipe_closed_early_still_makes_every_image(tiny_file, tmp_path):
+    """`sdlite txt2img ... | head -1`: the images are the result, so the run goes on (rc 0)."""
+    (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
+    cmd = (f"{sys.executable} -m sdlite txt2img --from-file {tmp_path / 'prompts.txt'} -m {tiny_file} "
+           f"-W 32 -H 32 --steps 1 -o {tmp_path / 'out'} | head -1; echo rc=${{PIPESTATUS[0]}}")
+    done = subprocess.run(cmd, shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=300,
+                          env=_env(tmp_path))
+    assert done.stdout.strip().splitlines()[-1] == "rc=0" and "Error" not in done.stderr, (done.stdout, done.stderr)
+    assert len(pngs(tmp_path / "out")) == 3
+
+
+def test_truncation_warnings_say_which_prompt_and_repeat(capsys, tiny_file, tmp_path):
+    long = " ".join(["word"] * 90)
+    (tmp_path / "prompts.txt").write_text(f"{long}\n{long}\n")
+    rc, _, err = run(capsys, "txt2img", "--from-file", tmp_path / "prompts.txt", "-n", long, "-m", tiny_file,
+                     "-W", "32", "-H", "32", "--steps", "1", "-o", tmp_path / "o")
+    assert rc == 0, err
+    lines = err.replace("\r", "\n").splitlines()
+    assert sum(ln.startswith("warning: prompt truncated to 77 tokens (15 dropped)") for ln in lines) == 2, err
+    assert sum(ln.startswith("warning: negative prompt truncated") for ln in lines) == 2, err
+
+
+def test_run_header_and_load_line(capsys, tiny_file, tmp_path):
+    init = make_image(tmp_path / "init.png", 40, 24)
+    rc, _, err = run(capsys, "img2img", "x", "-i", init, "-W", "32", "--steps", "1", "--strength", "1", "--quantize", "int8",
+                     "-m", tiny_file, "-o", tmp_path / "o")
+    assert rc == 0, err
+    assert "on cpu, float32, int8 weights in" in err
+    assert "1 step, CFG" in err and "width 32 (the other side from the init image)" in err and "None" not in err
+
+
+def test_params_from_notes_another_vae(capsys, tiny, tiny_file, tmp_path):
+    vaes = _vae_variants(tiny_file, tmp_path, tiny)
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--seed", 2, "--vae", vaes["safetensors"],
+                     "-o", tmp_path / "a")
+    assert rc == 0, err
+    [with_vae] = pngs(tmp_path / "a")
+    rc, _, err = run(capsys, "txt2img", "--params-from", with_vae, "-m", tiny_file, "--vae", vaes["ckpt"],
+                     "-o", tmp_path / "b")
+    assert rc == 0 and "was made with VAE hash" in err and "the image will differ" in err, err
+    rc, _, err = run(capsys, "txt2img", "--params-from", with_vae, "-m", tiny_file, "--vae", vaes["safetensors"],
+                     "-o", tmp_path / "c")
+    assert rc == 0 and "VAE" not in err.replace("with VAE vae.safetensors", ""), err  # the same VAE: no note
+    assert np.array_equal(pixels(pngs(tmp_path / "c")[0]), pixels(with_vae))
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "-o", tmp_path / "d")
+    rc, _, err = run(capsys, "txt2img", "--params-from", pngs(tmp_path / "d")[0], "-m", tiny_file,
+                     "--vae", vaes["ckpt"], "-o", tmp_path / "e")
+    assert rc == 0 and "made without a separate VAE, this run uses vae.ckpt" in err, err
+
+
+def test_outdir_probe_catches_a_folder_that_cannot_be_made(capsys, tiny_file, tmp_path, monkeypatch):
+    """A new folder is really made for the check (then removed), so a place where mkdir fails
+    (as root: /proc, a read-only mount) is refused before the model loads."""
+    real = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if "refused" in self.parts:
+            raise PermissionError(13, "Permission denied")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "-o", tmp_path / "refused" / "out")
+    assert rc == 1 and "loaded" not in err
+    one_line_error(err, "cannot write to output folder", "Permission denied")
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "-o", tmp_path / "new" / "deeper")
+    assert rc == 0 and len(pngs(tmp_path / "new" / "deeper")) == 1, err
+    assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir())[0].endswith(".png")  # no probe left
+
+
+def test_images_are_numbered_when_saved(capsys, tiny_file, tmp_path, monkeypatch):
+    """Another run writing to the same folder meanwhile is counted: no two files share a number."""
+    real = meta.save_png
+
+    def save_png(image, outdir, seed, *args, **kwargs):
+        path = real(image, outdir, seed, *args, **kwargs)
+        if not (outdir / "00007-99.png").exists():
+            (outdir / "00007-99.png").write_bytes(b"")  # the other run's image
+        return path
+
+    monkeypatch.setattr(meta, "save_png", save_png)
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--batch-size", 2, "--seed", 1,
+                     "-o", tmp_path / "o")
+    assert rc == 0, err
+    assert [p.name for p in pngs(tmp_path / "o")] == ["00000-1.png", "00007-99.png", "00008-2.png"]
+
+
+def test_unquoted_prompt_hint(capsys):
+    rc, _, err = run(capsys, "txt2img", "a", "red", "house")
+    assert rc == 2
+    one_line_error(err, "unrecognized arguments: red house", 'needs quotes: sdlite txt2img "a red house"')

@@ -1,7 +1,5 @@
 """sdlite: a from-scratch, faithful, memory-lean Stable Diffusion v1.x inference engine."""
 
-from .checkpoint import Checkpoint, export_checkpoint, open_checkpoint
-from .config import SD_V1, SD_V1_INPAINT, TINY, CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from .errors import CheckpointError, InputError, SdliteError, UnsupportedModelError
 
 __version__ = "0.1.0"
@@ -11,3 +9,19 @@ __all__ = [
     "ModelConfig", "UNetConfig", "VAEConfig", "CLIPTextConfig", "SD_V1", "SD_V1_INPAINT", "TINY",
     "SdliteError", "CheckpointError", "UnsupportedModelError", "InputError",
 ]
+
+# Imported on first use, so that `import sdlite` (and the `sdlite` command's start, its --help,
+# a Ctrl-C in its first second) does not wait for torch.
+_LAZY = {"Checkpoint": "checkpoint", "open_checkpoint": "checkpoint", "export_checkpoint": "checkpoint",
+         **{name: "config" for name in ("ModelConfig", "UNetConfig", "VAEConfig", "CLIPTextConfig", "SD_V1",
+                                        "SD_V1_INPAINT", "TINY")}}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,7 @@ AutoV2). Full hashes are cached in the user cache dir, keyed by path, size and m
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -27,7 +28,6 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from . import samplers
 from .errors import InputError, SdliteError
 
 # "Version: sdlite 0.1.0". A1111 writes "Version: v1.9.4" and, reading an infotext, turns on
@@ -44,6 +44,8 @@ _NAME_RE = re.compile(r"^(\d+)-")
 
 
 def _sampler_aliases() -> dict[str, tuple[str, bool]]:
+    from . import samplers  # here, not at import: the CLI starts without torch
+
     out = {}
     for key, label in samplers.SAMPLER_LABELS.items():
         for name in (key, label, key.replace("_", " "), key.replace("_", "-"), label.replace(" ", "_")):
@@ -59,6 +61,8 @@ def resolve_sampler(name: str) -> tuple[str, bool]:
     """sdlite key and Karras flag for a sampler name: `euler_a`, A1111's `Euler a`, `DPM++ 2M Karras`..."""
     hit = _sampler_aliases().get(" ".join(str(name).split()).lower())
     if hit is None:
+        from . import samplers
+
         labels = ", ".join(f"{k} ({v})" for k, v in samplers.SAMPLER_LABELS.items())
         raise InputError(f"unknown sampler {name!r}; choose one of {labels}; "
                          "add --karras (or ' Karras') for the Karras schedule")
@@ -92,6 +96,8 @@ def _fmt_float(x: float) -> str:
 def format_parameters(params: dict, *, model_hash: str | None = None, model_name: str | None = None,
                       vae_hash: str | None = None, vae_name: str | None = None, version: str | None = None) -> str:
     """The A1111 `parameters` text for one image's params (a pipeline Result.params entry)."""
+    from . import samplers
+
     fields = {
         "Steps": params["steps"],
         "Sampler": samplers.SAMPLER_LABELS[params["sampler"]],
@@ -296,22 +302,30 @@ def _save_hash_cache(cache: dict) -> None:
 
 def check_outdir(outdir: str | os.PathLike) -> Path:
     """Make sure images can be written to the output folder, before any model loads, without
-    creating it (save_png does, so a run that fails before its first image leaves no empty
-    folder behind): an existing folder is probed with a temporary file; for a new one, the
-    nearest existing parent must be a folder this process can write in."""
+    leaving it created (save_png creates it, so a run that fails before its first image leaves
+    no empty folder behind): a temporary file is written in it, in a new folder made for the
+    probe and removed again with any parents it needed."""
     outdir = Path(outdir).expanduser()
     try:
         # the folder itself or its nearest parent that is there (a dangling or looping symlink
         # counts as there, and is refused: it is not a folder)
-        there = next(p for p in (outdir.absolute(), *outdir.absolute().parents) if os.path.lexists(p))
+        chain = (outdir.absolute(), *outdir.absolute().parents)
+        there = next(p for p in chain if os.path.lexists(p))
         if not there.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        if there == outdir.absolute():
+        # a new folder and its missing parents are made for the probe and removed again
+        created = []
+        try:
+            for folder in reversed(chain[:chain.index(there)]):
+                folder.mkdir()
+                created.append(folder)
             fd, probe = tempfile.mkstemp(dir=outdir, prefix=".sdlite-probe-")
             os.close(fd)
             os.unlink(probe)
-        elif not os.access(there, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        finally:
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     except OSError as e:
         raise SdliteError(f"cannot write to output folder {outdir}: {_reason(e)}") from None
     return outdir

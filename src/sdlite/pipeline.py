@@ -516,13 +516,14 @@ class StableDiffusion:
 
     # ------------------------------------------------------------------ steps
 
-    def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-        """Text -> (B, 77, width) context in the model dtype; warns when a prompt was truncated.
+    def encode_prompt(self, prompts: list[str], clip_skip: int = 1, what: str = "prompt") -> torch.Tensor:
+        """Text -> (B, 77, width) context in the model dtype; warns (once per text) when a `what`
+        ("prompt", "negative prompt") was truncated.
         (A parked text encoder stays on the device until `done_with("text")`.)"""
         tokens = [self.tokenizer.tokenize(p) for p in prompts]
-        for p, t in zip(prompts, tokens):
+        for p, t in dict(zip(prompts, tokens)).items():
             if t.num_truncated:
-                warnings.warn(f"prompt truncated to 77 tokens ({t.num_truncated} dropped): {p[:60]!r}", stacklevel=3)
+                warnings.warn(f"{what} truncated to 77 tokens ({t.num_truncated} dropped): {p[:60]!r}", stacklevel=3)
         ids = torch.tensor([t.ids for t in tokens], device=self.device)
         with torch.inference_mode():
             return self.resident("text")(ids, clip_skip=clip_skip)
@@ -651,7 +652,7 @@ class StableDiffusion:
     def _conditioning(self, job: _Job):
         with self._stage("text"):
             cond = self.encode_prompt(job.prompts, job.clip_skip)
-            uncond = None if job.guidance_scale == 1 else self.encode_prompt(job.negatives, job.clip_skip)
+            uncond = None if job.guidance_scale == 1 else self.encode_prompt(job.negatives, job.clip_skip, "negative prompt")
         return cond, uncond
 
     def _sigmas(self, job: _Job) -> torch.Tensor:
