@@ -844,3 +844,24 @@ def test_unquoted_prompt_hint(capsys):
     rc, _, err = run(capsys, "txt2img", "a", "red", "house")
     assert rc == 2
     one_line_error(err, "unrecognized arguments: red house", 'needs quotes: sdlite txt2img "a red house"')
+
+
+def test_out_of_memory_is_one_line_with_a_hint(capsys, tiny_file, tmp_path, monkeypatch):
+    from sdlite import pipeline
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(pipeline.StableDiffusion, "denoise", oom)
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "-o", tmp_path / "o")
+    assert rc == 1
+    one_line_error(err.strip().splitlines()[-1], "out of memory (", "--memory low")
+
+
+def test_inpaint_with_an_all_black_mask_warns(capsys, tiny_file, tmp_path):
+    init = make_image(tmp_path / "init.png")
+    Image.new("L", (32, 32), 0).save(tmp_path / "black.png")
+    rc, _, err = run(capsys, "inpaint", "x", "-i", init, "--mask", tmp_path / "black.png", "-m", tiny_file,
+                     "--steps", "2", "-o", tmp_path / "o")
+    assert rc == 0 and "warning: the mask has no white (repaint) pixels" in err, err

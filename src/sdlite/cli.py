@@ -376,9 +376,20 @@ def _run(args, ui: UI) -> int:
         return 1
     except Exception as e:  # a bug or an environment failure (out of memory, ...): still one line
         _traceback(ui)
+        if _out_of_memory(e):
+            ui.error(f"out of memory ({' '.join(str(e).split())[:160]}); try a smaller size or batch, --memory low, "
+                     "--quantize int8 or --vae-tiling on")
+            return 1
         hint = "" if ui.debug else " (run with --debug for the traceback)"
         ui.error(f"{e.__class__.__name__}: {e}{hint}")
         return 1
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
 
 
 def _traceback(ui: UI) -> None:

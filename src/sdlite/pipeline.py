@@ -736,6 +736,8 @@ class StableDiffusion:
         image, job = self._image_job(pil, prompt, negative_prompt, width, height, steps, guidance_scale,
                                      sampler, karras, seed, batch_size, clip_skip, eta)
         mask = imgs.mask_to_tensor(mask_pil, job.width, job.height)  # (1, 1, H, W), 1 = repaint
+        if not (mask >= 0.5).any():
+            warnings.warn("the mask has no white (repaint) pixels at this size: nothing is repainted", stacklevel=2)
         sigmas = _truncate(self._sigmas(job), steps, strength)
         cond, uncond = self._conditioning(job)
         n = len(job.seeds)
