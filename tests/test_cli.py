@@ -865,3 +865,12 @@ def test_inpaint_with_an_all_black_mask_warns(capsys, tiny_file, tmp_path):
     rc, _, err = run(capsys, "inpaint", "x", "-i", init, "--mask", tmp_path / "black.png", "-m", tiny_file,
                      "--steps", "2", "-o", tmp_path / "o")
     assert rc == 0 and "warning: the mask has no white (repaint) pixels" in err, err
+
+
+def test_a_bad_value_from_params_from_names_the_image(capsys, tiny_file, tmp_path):
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "-o", tmp_path / "a")
+    assert rc == 0, err
+    bad = _with_parameters(pngs(tmp_path / "a")[0], tmp_path / "bad.png", lambda t: t.replace("Size: 32x32", "Size: 60x64"))
+    rc, _, err = run(capsys, "txt2img", "--params-from", bad, "-m", tiny_file, "-o", tmp_path / "b")
+    assert rc == 2
+    one_line_error(err, "width 60 is not a multiple of 8", f"(settings from --params-from {bad})")

@@ -514,7 +514,10 @@ def resolve_run(args) -> Run:
               clip_skip=opts["clip_skip"], strength=opts["strength"], outdir=Path(args.outdir),
               expected_hash=opts.get("expected_hash"), expected_vae=opts.get("expected_vae"),
               expected_vae_hash=opts.get("expected_vae_hash"))
-    _validate(run)
+    try:
+        _validate(run)
+    except InputError as e:  # say where a bad value may have come from
+        raise InputError(f"{e} (settings from --params-from {args.params_from})" if args.params_from else e) from None
     _load_images(run, args)
     return run
 
