@@ -874,3 +874,20 @@ def test_a_bad_value_from_params_from_names_the_image(capsys, tiny_file, tmp_pat
     rc, _, err = run(capsys, "txt2img", "--params-from", bad, "-m", tiny_file, "-o", tmp_path / "b")
     assert rc == 2
     one_line_error(err, "width 60 is not a multiple of 8", f"(settings from --params-from {bad})")
+
+
+def test_outdir_check_beside_another_run_making_the_same_folder(tmp_path, monkeypatch):
+    """Two runs started at once on one new folder: the folder appearing (or going) between the
+    look and the mkdir is looked at again, not reported as unwritable."""
+    target = tmp_path / "new"
+    real, calls = Path.mkdir, []
+
+    def mkdir(self, *args, **kwargs):
+        if self == target and not calls:
+            calls.append(1)
+            real(self)  # the other run got there first
+            raise FileExistsError(17, "File exists")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert meta.check_outdir(target) == target and calls == [1]

@@ -306,29 +306,37 @@ def check_outdir(outdir: str | os.PathLike) -> Path:
     no empty folder behind): a temporary file is written in it, in a new folder made for the
     probe and removed again with any parents it needed."""
     outdir = Path(outdir).expanduser()
-    try:
-        # the folder itself or its nearest parent that is there (a dangling or looping symlink
-        # counts as there, and is refused: it is not a folder)
-        chain = (outdir.absolute(), *outdir.absolute().parents)
-        there = next(p for p in chain if os.path.lexists(p))
-        if not there.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        # a new folder and its missing parents are made for the probe and removed again
-        created = []
+    for _ in range(3):
         try:
-            for folder in reversed(chain[:chain.index(there)]):
-                folder.mkdir()
-                created.append(folder)
-            fd, probe = tempfile.mkstemp(dir=outdir, prefix=".sdlite-probe-")
-            os.close(fd)
-            os.unlink(probe)
-        finally:
-            for folder in reversed(created):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-    except OSError as e:
-        raise SdliteError(f"cannot write to output folder {outdir}: {_reason(e)}") from None
-    return outdir
+            _probe_outdir(outdir)
+            return outdir
+        except (FileExistsError, FileNotFoundError) as e:
+            error = e  # perhaps a run starting beside this one made or removed the folder: look again
+        except OSError as e:
+            error = e
+            break
+    raise SdliteError(f"cannot write to output folder {outdir}: {_reason(error)}")
+
+
+def _probe_outdir(outdir: Path) -> None:
+    # the folder itself or its nearest parent that is there (a dangling or looping symlink
+    # counts as there, and is refused: it is not a folder)
+    chain = (outdir.absolute(), *outdir.absolute().parents)
+    there = next(p for p in chain if os.path.lexists(p))
+    if not there.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+    created = []
+    try:
+        for folder in reversed(chain[:chain.index(there)]):
+            folder.mkdir()
+            created.append(folder)
+        fd, probe = tempfile.mkstemp(dir=outdir, prefix=".sdlite-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _reason(e: OSError) -> str:
