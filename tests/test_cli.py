@@ -891,3 +891,23 @@ def test_outdir_check_beside_another_run_making_the_same_folder(tmp_path, monkey
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
     assert meta.check_outdir(target) == target and calls == [1]
+
+
+def test_png_records_sdlite_options_and_params_from_notes_a_difference(capsys, tiny_file, tmp_path):
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "-o", tmp_path / "plain")
+    assert rc == 0 and "sdlite options" not in Image.open(pngs(tmp_path / "plain")[0]).info["parameters"]
+    rc, _, err = run(capsys, "txt2img", "x", "-m", tiny_file, *FAST, "--quantize", "int8", "-o", tmp_path / "q")
+    [made] = pngs(tmp_path / "q")
+    text = Image.open(made).info["parameters"]
+    assert rc == 0 and "sdlite options: int8, Version: sdlite" in text, text
+    assert meta.parse_parameters(text)["sdlite options"] == "int8"
+    rc, _, err = run(capsys, "txt2img", "--params-from", made, "-m", tiny_file, "-o", tmp_path / "a")
+    assert rc == 0 and "was made with options 'int8', this run has 'float32, exact'" in err, err
+    rc, _, err = run(capsys, "txt2img", "--params-from", made, "-m", tiny_file, "--quantize", "int8", "-o", tmp_path / "b")
+    assert rc == 0 and "made with options" not in err, err
+    assert np.array_equal(pixels(pngs(tmp_path / "b")[0]), pixels(made))
+    # an image from another program (no sdlite Version): its options are not known, no note
+    other = _with_parameters(made, tmp_path / "a1111.png",
+                             lambda t: t.replace("sdlite options: int8, ", "").replace("Version: sdlite", "Version: v1.9.4"))
+    rc, _, err = run(capsys, "txt2img", "--params-from", other, "-m", tiny_file, "--fast", "-o", tmp_path / "c")
+    assert rc == 0 and "made with options" not in err, err

@@ -440,6 +440,7 @@ class Run:
     expected_hash: str | None = None  # model hash written in --params-from's image
     expected_vae: str | None = None  # VAE name and hash written there (a separate VAE)
     expected_vae_hash: str | None = None
+    expected_options: str | None = None  # "sdlite options" of an image made by sdlite ("" = defaults)
 
 
 @dataclass
@@ -476,6 +477,11 @@ def cmd_generate(args, ui: UI) -> int:
     elif run.expected_vae_hash and model.vae_hash and run.expected_vae_hash != model.vae_hash:
         ui.note(f"note: {args.params_from} was made with VAE hash {run.expected_vae_hash}, this VAE is "
                 f"{model.vae_hash}: the image will differ")
+    now = meta.run_options_label(model.sd._run_options())
+    if run.expected_options is not None and run.expected_options != now:
+        ui.note(f"note: {args.params_from} was made with options '{run.expected_options or 'float32, exact'}', "
+                f"this run has '{now or 'float32, exact'}' (see --dtype, --quantize, --fast, --ema): "
+                "the image will differ")
     generate(model, run, ui)
     return 0
 
@@ -496,6 +502,8 @@ def resolve_run(args) -> Run:
         opts.update({k: v for k, v in params.items() if k != "prompt"})
         opts["expected_hash"] = info.get("Model hash")
         opts["expected_vae"], opts["expected_vae_hash"] = info.get("VAE"), info.get("VAE hash")
+        if info.get("Version", "").startswith(meta.VERSION_TAG):  # only sdlite writes the options field
+            opts["expected_options"] = info.get(meta.OPTIONS_KEY, "")
     for name in ("negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "clip_skip"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
@@ -513,7 +521,7 @@ def resolve_run(args) -> Run:
               random_seed=random_seed, width=opts["width"], height=opts["height"], batch_size=args.batch_size,
               clip_skip=opts["clip_skip"], strength=opts["strength"], outdir=Path(args.outdir),
               expected_hash=opts.get("expected_hash"), expected_vae=opts.get("expected_vae"),
-              expected_vae_hash=opts.get("expected_vae_hash"))
+              expected_vae_hash=opts.get("expected_vae_hash"), expected_options=opts.get("expected_options"))
     try:
         _validate(run)
     except InputError as e:  # say where a bad value may have come from

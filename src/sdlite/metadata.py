@@ -93,6 +93,19 @@ def _fmt_float(x: float) -> str:
     return repr(float(x))  # shortest exact round trip: 7.5, 7.0, 0.75
 
 
+# sdlite's own field: the pipeline options that change the image, when not the defaults
+# (A1111 has no fields for them; its parser and civitai keep unknown fields as they are).
+OPTIONS_KEY = "sdlite options"
+
+
+def run_options_label(params: dict) -> str:
+    """`float16 int8 fast ema`: the options in a Result.params entry (or StableDiffusion._run_options())
+    that change the image, those that are not the float32 exact defaults; "" for none."""
+    words = [params["dtype"]] if params.get("dtype", "float32") != "float32" else []
+    words += ["int8"] if params.get("quantize", "none") == "int8" else []
+    return " ".join(words + [k for k in ("fast", "ema") if params.get(k)])
+
+
 def format_parameters(params: dict, *, model_hash: str | None = None, model_name: str | None = None,
                       vae_hash: str | None = None, vae_name: str | None = None, version: str | None = None) -> str:
     """The A1111 `parameters` text for one image's params (a pipeline Result.params entry)."""
@@ -112,6 +125,7 @@ def format_parameters(params: dict, *, model_hash: str | None = None, model_name
         "Denoising strength": _fmt_float(params["strength"]) if params.get("mode", "txt2img") != "txt2img" else None,
         "Clip skip": params["clip_skip"] if params.get("clip_skip", 1) > 1 else None,
         "Eta": _fmt_float(params["eta"]) if params.get("eta") is not None else None,
+        OPTIONS_KEY: run_options_label(params) or None,
         "Version": f"{VERSION_TAG} {version}" if version else None,
     }
     body = ", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None)
