@@ -515,3 +515,16 @@ def test_reduced_precision_measurements_never_overlap(monkeypatch):
     finally:
         precision.cpu_slowdown.cache_clear()
     assert most[0] == 1
+
+
+def test_web_ui_prompt_syntax_warns(tiny_sd):
+    run = dict(width=32, height=32, steps=1, seed=4)
+    with pytest.warns(UserWarning, match=r"prompt has web-UI syntax .*'\(red:1\.2\)'"):
+        tiny_sd.txt2img("a (red:1.2) house", **run)
+    with pytest.warns(UserWarning, match=r"negative prompt has web-UI syntax .*<lora:x:0\.8>"):
+        tiny_sd.txt2img("a house", "<lora:x:0.8>", **run)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ordinary brackets are not flagged
+        tiny_sd.txt2img("a cat (oil painting), ratio (16:9)", **run)

@@ -403,7 +403,7 @@ def _route_warnings(ui: UI) -> None:
         return
     warnings.simplefilter("default")
     # each truncated prompt is worth a warning, also the same text again (a batch file's lines)
-    warnings.filterwarnings("always", message=r"(negative )?prompt truncated")
+    warnings.filterwarnings("always", message=r"(negative )?prompt (truncated|has web-UI syntax)")
 
     def show(message, category, filename, lineno, file=None, line=None):
         ui.note(f"warning: {message}")

@@ -15,6 +15,7 @@ import gc
 import math
 import os
 import random
+import re
 import traceback
 import warnings
 from contextlib import contextmanager
@@ -524,6 +525,10 @@ class StableDiffusion:
         for p, t in dict(zip(prompts, tokens)).items():
             if t.num_truncated:
                 warnings.warn(f"{what} truncated to 77 tokens ({t.num_truncated} dropped): {p[:60]!r}", stacklevel=3)
+            found = _WEB_UI_SYNTAX.search(p)
+            if found:
+                warnings.warn(f"{what} has web-UI syntax that sdlite reads as plain text, as the reference does "
+                              f"(no attention weights, LoRAs or embeddings): {found.group(0)!r}", stacklevel=3)
         ids = torch.tensor([t.ids for t in tokens], device=self.device)
         with torch.inference_mode():
             return self.resident("text")(ids, clip_skip=clip_skip)
@@ -863,6 +868,11 @@ def _check_size(width, height, factor: int) -> None:
             raise InputError(f"{name} must be a positive integer, got {v!r}")
         if v % 8 or v % factor:
             raise InputError(f"{name} {v} is not a multiple of 8 (try {max(8, v - v % 8)} or {v + 8 - v % 8})")
+
+
+# A1111/ComfyUI prompt syntax with no meaning in the CompVis model: (word:1.2) weights, <lora:...>
+_WEB_UI_SYNTAX = re.compile(r"\([^()]*[a-z][^()]*:\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*\)|\(\([^()]+\)\)"
+                            r"|<(?:lora|lyco|lycoris|hypernet):[^>]*>", re.IGNORECASE)
 
 
 def _truncate(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
