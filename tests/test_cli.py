@@ -101,9 +101,12 @@ def test_help_everywhere_with_examples(capsys):
     assert rc == 0 and "usage:" in out
 
 
-def test_version(capsys):
+def test_version(capsys, tmp_path):
     rc, out, _ = run(capsys, "--version")
     assert rc == 0 and out.startswith("sdlite 0.1.0") and "torch 2." in out
+    done = subprocess.run(f"{sys.executable} -m sdlite --version | true; echo rc=${{PIPESTATUS[0]}}", shell=True,
+                          executable="/bin/bash", capture_output=True, text=True, timeout=120, env=_env(tmp_path))
+    assert done.stdout.strip() == "rc=0" and "Traceback" not in done.stderr, (done.stdout, done.stderr)
 
 
 def test_the_command_starts_without_torch(tmp_path):
@@ -754,11 +757,13 @@ def test_info_into_a_pipe_closed_early_exits_quietly(tiny_file):
     assert done.stdout.strip() == "rc=0" and "Error" not in done.stderr, (done.stdout, done.stderr)
 
 
-def test_generation_into_a_pipe_closed_early_still_makes_every_image(tiny_file, tmp_path):
-    """`sdlite txt2img ... | head -1`: the images are the result, so the run goes on (rc 0)."""
+@pytest.mark.parametrize("streams", ["", "2>&1"])
+def test_generation_into_a_pipe_closed_early_still_makes_every_image(tiny_file, tmp_path, streams):
+    """`sdlite txt2img ... | head -1` (also with stderr): the images are the result, so the run
+    goes on (rc 0)."""
     (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
     cmd = (f"{sys.executable} -m sdlite txt2img --from-file {tmp_path / 'prompts.txt'} -m {tiny_file} "
-           f"-W 32 -H 32 --steps 1 -o {tmp_path / 'out'} | head -1; echo rc=${{PIPESTATUS[0]}}")
+           f"-W 32 -H 32 --steps 1 -o {tmp_path / 'out'} {streams} | head -1; echo rc=${{PIPESTATUS[0]}}")
     done = subprocess.run(cmd, shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=300,
                           env=_env(tmp_path))
     assert done.stdout.strip().splitlines()[-1] == "rc=0" and "Error" not in done.stderr, (done.stdout, done.stderr)
@@ -873,7 +878,14 @@ def test_a_bad_value_from_params_from_names_the_image(capsys, tiny_file, tmp_pat
     bad = _with_parameters(pngs(tmp_path / "a")[0], tmp_path / "bad.png", lambda t: t.replace("Size: 32x32", "Size: 60x64"))
     rc, _, err = run(capsys, "txt2img", "--params-from", bad, "-m", tiny_file, "-o", tmp_path / "b")
     assert rc == 2
-    one_line_error(err, "width 60 is not a multiple of 8", f"(settings from --params-from {bad})")
+    one_line_error(err, "width 60 is not a multiple of 8", f"(from --params-from {bad})")
+    # a bad value typed on the command line is not blamed on the image
+    good = pngs(tmp_path / "a")[0]
+    for extra in (["-W", "36"], ["--sampler", "plms", "--karras"]):
+        rc, _, err = run(capsys, "txt2img", "--params-from", good, *extra, "-m", tiny_file, "-o", tmp_path / "c")
+        assert rc == 2 and "--params-from" not in err, err
+    rc, _, err = run(capsys, "txt2img", "--params-from", bad, "-W", "64", "-m", tiny_file, "-o", tmp_path / "d")
+    assert rc == 0, err  # the image's bad width replaced on the command line
 
 
 def test_outdir_check_beside_another_run_making_the_same_folder(tmp_path, monkeypatch):
@@ -911,3 +923,24 @@ def test_png_records_sdlite_options_and_params_from_notes_a_difference(capsys, t
                              lambda t: t.replace("sdlite options: int8, ", "").replace("Version: sdlite", "Version: v1.9.4"))
     rc, _, err = run(capsys, "txt2img", "--params-from", other, "-m", tiny_file, "--fast", "-o", tmp_path / "c")
     assert rc == 0 and "made with options" not in err, err
+
+
+def test_outdir_with_dot_dot_parts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("new2/../x", "new4/..", ".", "a/b/c"):
+        assert meta.check_outdir(name) == Path(name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the probes left nothing behind
+
+
+def test_oom_while_reading_a_ckpt_is_not_called_a_corrupt_file(tmp_path, monkeypatch):
+    from sdlite import tensorfile
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"w": torch.zeros(2)}, path)
+
+    def load(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4 GB")
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        tensorfile.load_pickle(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from . import __version__
 from . import metadata as meta
-from .errors import CheckpointError, InputError, SdliteError, UnsupportedModelError
+from .errors import CheckpointError, InputError, SdliteError, UnsupportedModelError, is_out_of_memory
 
 PROG = "sdlite"
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
@@ -86,39 +87,64 @@ examples:
 # Console output
 
 
+class _Stream:
+    """sys.stdout or sys.stderr (looked up at each write), whose reader may leave: then what is
+    written goes to /dev/null and the run goes on (`sdlite txt2img ... 2>&1 | head -1`: the images
+    are the result, and every one is still saved)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attr):  # fileno, isatty, encoding... of the stream itself
+        return getattr(getattr(sys, self.name), attr)
+
+    def write(self, text: str) -> int:
+        try:
+            return getattr(sys, self.name).write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            getattr(sys, self.name).flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def _drop(self) -> None:
+        stream = getattr(sys, self.name)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+STDOUT, STDERR = _Stream("stdout"), _Stream("stderr")
+
+
 class UI:
     """Where messages go: results to stdout, notes and progress to stderr, errors always."""
 
     def __init__(self, quiet: bool = False, debug: bool = False):
         self.quiet = quiet
         self.debug = debug
-        self.stdout_gone = False
 
     def out(self, msg: str) -> None:
-        if self.quiet or self.stdout_gone:
-            return
-        try:
-            print(msg, flush=True)
-        except BrokenPipeError:
-            # `sdlite txt2img ... | head -1`: the reader left, but the images are the result, so
-            # the run goes on; its remaining paths are not printed
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            self.stdout_gone = True
+        if not self.quiet:
+            print(msg, file=STDOUT, flush=True)
 
     def note(self, msg: str) -> None:
         if not self.quiet:
             from tqdm import tqdm
 
-            tqdm.write(msg, file=sys.stderr)  # above a progress bar that is showing, not inside it
-            sys.stderr.flush()
+            tqdm.write(msg, file=STDERR)  # above a progress bar that is showing, not inside it
+            STDERR.flush()
 
     def error(self, msg: str) -> None:
-        print(f"{PROG}: error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {' '.join(str(msg).split())}", file=STDERR, flush=True)
 
     def progress(self, total: int, desc: str):
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=self.quiet, leave=False,
+        return tqdm(total=total, desc=desc, unit="step", file=STDERR, disable=self.quiet, leave=False,
                     dynamic_ncols=True)
 
 
@@ -128,10 +154,7 @@ class _UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        hint = ""
-        if message.startswith("unrecognized arguments: ") and not message.split(": ", 1)[1].startswith("-"):
-            hint = '; a prompt of several words needs quotes: sdlite txt2img "a red house"'
-        raise _UsageError(f"{PROG}: error: {message}{hint} (see '{self.prog} --help')")
+        raise _UsageError(f"{PROG}: error: {message} (see '{self.prog} --help')")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +344,7 @@ class _Version(argparse.Action):
     """--version, with torch's version looked up only when asked (the command starts without torch)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(_version_string())
+        print(_version_string(), file=STDOUT, flush=True)
         parser.exit()
 
 
@@ -341,7 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the `sdlite` command with `argv` (default sys.argv[1:]); returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            command = getattr(args, "command", None)
+            hint = ""
+            if command in DEFAULTS and not extra[0].startswith("-"):  # a generation command's words
+                hint = f'; a prompt of several words needs quotes: {PROG} {command} "a red house"'
+            raise _UsageError(f"{PROG}: error: unrecognized arguments: {' '.join(extra)}{hint} "
+                              f"(see '{PROG}{' ' + command if command else ''} --help')")
     except _UsageError as e:
         print(e, file=sys.stderr)
         return 2
@@ -376,20 +406,15 @@ def _run(args, ui: UI) -> int:
         return 1
     except Exception as e:  # a bug or an environment failure (out of memory, ...): still one line
         _traceback(ui)
-        if _out_of_memory(e):
-            ui.error(f"out of memory ({' '.join(str(e).split())[:160]}); try a smaller size or batch, --memory low, "
+        if is_out_of_memory(e):
+            detail = " ".join(str(e).split())[:160]
+            ui.error(f"out of memory{f' ({detail})' if detail else ''}; try a smaller size or batch, --memory low, "
                      "--quantize int8 or --vae-tiling on")
             return 1
         hint = "" if ui.debug else " (run with --debug for the traceback)"
         ui.error(f"{e.__class__.__name__}: {e}{hint}")
         return 1
 
-
-def _out_of_memory(e: BaseException) -> bool:
-    """MemoryError, torch's OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
-    text = str(e).lower()
-    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
-        isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
 
 
 def _traceback(ui: UI) -> None:
@@ -489,7 +514,8 @@ def cmd_generate(args, ui: UI) -> int:
 def resolve_run(args) -> Run:
     """Defaults, then --params-from, then explicit options; validated before any model loads."""
     mode = args.mode
-    opts = dict(DEFAULTS[mode], negative_prompt="", karras=False, clip_skip=1, seed=None)
+    defaults = dict(DEFAULTS[mode], negative_prompt="", karras=False, clip_skip=1, seed=None)
+    opts = dict(defaults)
     params = {}
     if args.params_from:
         text = meta.read_parameters(args.params_from)
@@ -524,10 +550,25 @@ def resolve_run(args) -> Run:
               expected_vae_hash=opts.get("expected_vae_hash"), expected_options=opts.get("expected_options"))
     try:
         _validate(run)
-    except InputError as e:  # say where a bad value may have come from
-        raise InputError(f"{e} (settings from --params-from {args.params_from})" if args.params_from else e) from None
+    except InputError as e:
+        # from the image if the run with the defaults in place of the image's values passes
+        given = {k for k in ("negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "clip_skip",
+                             "strength") if getattr(args, k, None) is not None}
+        given |= {"sampler", "karras"} if args.sampler is not None or args.karras else set()
+        from_image = {k: 0 if k == "seed" else defaults[k] for k in params if k in defaults and k not in given}
+        if from_image and _passes(dataclasses.replace(run, **from_image)):
+            raise InputError(f"{e} (from --params-from {args.params_from})") from None
+        raise
     _load_images(run, args)
     return run
+
+
+def _passes(run: Run) -> bool:
+    try:
+        _validate(run)
+        return True
+    except InputError:
+        return False
 
 
 def _prompts(args, params: dict) -> list[str]:

@@ -15,3 +15,14 @@ class UnsupportedModelError(CheckpointError):
 
 class InputError(SdliteError):
     """A run option or input (size, steps, image, mask, ...) is invalid."""
+
+
+# What allocators say when memory runs out: CUDA and the CPU allocator on Linux/macOS, and on Windows.
+OOM_MESSAGES = ("out of memory", "DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA), or an allocator's RuntimeError
+    (told by its type name and message, so that this module needs no torch)."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in OOM_MESSAGES))

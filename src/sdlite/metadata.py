@@ -342,8 +342,12 @@ def _probe_outdir(outdir: Path) -> None:
     created = []
     try:
         for folder in reversed(chain[:chain.index(there)]):
-            folder.mkdir()
-            created.append(folder)
+            try:
+                folder.mkdir()
+                created.append(folder)
+            except FileExistsError:  # `new/..` names a folder that is there; or another run made it
+                if not folder.is_dir():
+                    raise
         fd, probe = tempfile.mkstemp(dir=outdir, prefix=".sdlite-probe-")
         os.close(fd)
         os.unlink(probe)
@@ -372,13 +376,18 @@ def save_png(image: Image.Image, outdir: Path, seed: int, parameters: str, index
     free name (an atomic create-if-absent), so a concurrent run or an interrupt cannot clobber
     or truncate an image. `outdir` is created (with its parents) if needed.
     """
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SdliteError(f"cannot write to output folder {outdir}: {_reason(e)}") from None
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)  # tEXt, or iTXt for non-Latin-1 prompts
-    fd, tmp = tempfile.mkstemp(dir=outdir, prefix=".sdlite-", suffix=".png.partial")
+    for attempt in range(3):
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=outdir, prefix=".sdlite-", suffix=".png.partial")
+            break
+        except FileNotFoundError as e:  # another run's check_outdir removed its probe folder meanwhile
+            if attempt == 2:
+                raise SdliteError(f"cannot write to output folder {outdir}: {_reason(e)}") from None
+        except OSError as e:
+            raise SdliteError(f"cannot write to output folder {outdir}: {_reason(e)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             _write_png(image, f, info)

@@ -871,7 +871,8 @@ def _check_size(width, height, factor: int) -> None:
 
 
 # A1111/ComfyUI prompt syntax with no meaning in the CompVis model: (word:1.2) weights, <lora:...>
-_WEB_UI_SYNTAX = re.compile(r"\([^()]*[a-z][^()]*:\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*\)|\(\([^()]+\)\)"
+# (weights 0-2.x, so "(John 3:16)" or "(ratio 16:9)" are not taken for them)
+_WEB_UI_SYNTAX = re.compile(r"\([^()]*[a-z][^()]*:\s*[-+]?(?:[0-2](?:\.\d*)?|\.\d+)\s*\)|\(\([^()]+\)\)"
                             r"|<(?:lora|lyco|lycoris|hypernet):[^>]*>", re.IGNORECASE)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, is_out_of_memory
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -187,6 +187,8 @@ def load_pickle(path: str | os.PathLike) -> dict:
             f"weights ({detail.strip()[:160]}); convert it to .safetensors with a tool you trust"
         ) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        if is_out_of_memory(e):  # not the file's fault
+            raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt file?): {msg[:200]}") from None
     if not isinstance(obj, dict):

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from . import streaming
-from .errors import InputError
+from .errors import InputError, is_out_of_memory
 
 TILINGS = ("auto", "on", "off")
 DECODE_TILE, DECODE_OVERLAP = 64, 16  # latent px: 512 px tiles overlapping by 128 px in SD (as diffusers)
@@ -55,8 +55,6 @@ AUTO_MAX_LATENT_PIXELS = 96 * 96
 # `plain_fits` asks for twice both.
 PLAIN_VALUES_PER_LATENT_PIXEL = 2 * 41_000
 PLAIN_SCORE_BUFFERS = 2 * 4
-
-_OOM_MESSAGES = ("out of memory", "DefaultCPUAllocator: can't allocate memory")
 
 
 # ---------------------------------------------------------------------------- front doors
@@ -134,13 +132,6 @@ def plain_fits(device: torch.device, dtype: torch.dtype, latent_pixels: int) -> 
     free, _ = torch.cuda.mem_get_info(device)
     values = PLAIN_VALUES_PER_LATENT_PIXEL * latent_pixels + PLAIN_SCORE_BUFFERS * latent_pixels**2
     return values * torch.empty((), dtype=dtype).element_size() <= free
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for CUDA's OutOfMemoryError and the RuntimeErrors other allocators raise when full."""
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES)
 
 
 def _release_cache(device: torch.device) -> None:
