@@ -139,4 +139,4 @@ def test_fast_mode_off_cpu_float32_warns_and_runs_exact(tiny, monkeypatch):
     with pytest.warns(UserWarning, match="fast mode on the CPU"):
         sd = StableDiffusion(tiny.folder, fast=True, dtype=torch.bfloat16)
     assert not any(isinstance(m, fastcpu.FastInt8Conv2d) for m in sd.unet.modules())
-    assert sd._run_options()["fast"] is False  # recorded as it ran: exact
+    assert sd.run_options()["fast"] is False  # recorded as it ran: exact

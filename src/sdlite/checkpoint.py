@@ -484,10 +484,10 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
 def _bake_vae(ckpt: Checkpoint, vae: Path) -> None:
     """Put a VAE file's weights in the opened checkpoint in place of its own (checked to fit),
     in the checkpoint's stored dtype (an fp32 VAE baked into an fp16 file is fp16 too)."""
-    from .vaefile import read_vae_tensors, vae_config
+    from .vaefile import fit_vae, read_vae_tensors
 
     tensors = read_vae_tensors(vae)
-    cfg = vae_config(vae, tensors, ckpt.config.vae, None if ckpt.has_vae else ckpt.config.unet.out_channels)
+    cfg = fit_vae(vae, tensors, ckpt)
     prefix = PREFIXES["vae"]
     kept = {k: v for k, v in ckpt.tensors.items() if not k.startswith(prefix)}
     ckpt.tensors = {**kept, **{prefix + k: v.to(ckpt.dtype) if v.is_floating_point() else v for k, v in tensors.items()}}

@@ -394,7 +394,7 @@ def _run(args, ui: UI) -> int:
         ui.error("interrupted")
         return 130
     except BrokenPipeError:  # `sdlite info X | head`: the reader left; nothing more to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        STDOUT._drop()
         return 0
     except InputError as e:
         _traceback(ui)
@@ -502,7 +502,7 @@ def cmd_generate(args, ui: UI) -> int:
     elif run.expected_vae_hash and model.vae_hash and run.expected_vae_hash != model.vae_hash:
         ui.note(f"note: {args.params_from} was made with VAE hash {run.expected_vae_hash}, this VAE is "
                 f"{model.vae_hash}: the image will differ")
-    now = meta.run_options_label(model.sd._run_options())
+    now = meta.run_options_label(model.sd.run_options())
     if run.expected_options is not None and run.expected_options != now:
         ui.note(f"note: {args.params_from} was made with options '{run.expected_options or 'float32, exact'}', "
                 f"this run has '{now or 'float32, exact'}' (see --dtype, --quantize, --fast, --ema): "
@@ -530,15 +530,16 @@ def resolve_run(args) -> Run:
         opts["expected_vae"], opts["expected_vae_hash"] = info.get("VAE"), info.get("VAE hash")
         if info.get("Version", "").startswith(meta.VERSION_TAG):  # only sdlite writes the options field
             opts["expected_options"] = info.get(meta.OPTIONS_KEY, "")
-    for name in ("negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "clip_skip"):
-        if getattr(args, name) is not None:
-            opts[name] = getattr(args, name)
-    if getattr(args, "strength", None) is not None:
-        opts["strength"] = args.strength
+    # settings given on the command line win over the image's
+    given = {name for name in ("negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "clip_skip",
+                               "strength") if getattr(args, name, None) is not None}
+    opts.update({name: getattr(args, name) for name in given})
     if args.sampler is not None:
         opts["sampler"], opts["karras"] = meta.resolve_sampler(args.sampler)
+        given |= {"sampler", "karras"}
     if args.karras:
         opts["karras"] = True
+        given.add("karras")
     prompts = _prompts(args, params)
     random_seed = opts["seed"] is None or opts["seed"] == -1
     seed = random.randrange(MAX_SEED) if random_seed else opts["seed"]
@@ -552,9 +553,6 @@ def resolve_run(args) -> Run:
         _validate(run)
     except InputError as e:
         # from the image if the run with the defaults in place of the image's values passes
-        given = {k for k in ("negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "clip_skip",
-                             "strength") if getattr(args, k, None) is not None}
-        given |= {"sampler", "karras"} if args.sampler is not None or args.karras else set()
         from_image = {k: 0 if k == "seed" else defaults[k] for k in params if k in defaults and k not in given}
         if from_image and _passes(dataclasses.replace(run, **from_image)):
             raise InputError(f"{e} (from --params-from {args.params_from})") from None
@@ -679,7 +677,7 @@ def load_model(model_arg: str | None, vae_arg: str | None, device_name: str, dty
     if vae_path:
         model.vae_hash, model.vae_name = meta.model_hash(vae_path), vae_name(vae_path)
     dtype_label = str(sd.dtype).removeprefix("torch.")
-    options = sd._run_options()
+    options = sd.run_options()
     model.label = (f"{model.name} ({sd.config.name}) on {device.type}, {dtype_label}"
                    + (", int8 weights" if options["quantize"] == "int8" else "") + (", fast mode" if options["fast"] else ""))
     ui.note(f"loaded {model.label}{' with VAE ' + model.vae_name if model.vae_name else ''} "

@@ -99,7 +99,7 @@ OPTIONS_KEY = "sdlite options"
 
 
 def run_options_label(params: dict) -> str:
-    """`float16 int8 fast ema`: the options in a Result.params entry (or StableDiffusion._run_options())
+    """`float16 int8 fast ema`: the options in a Result.params entry (or StableDiffusion.run_options())
     that change the image, those that are not the float32 exact defaults; "" for none."""
     words = [params["dtype"]] if params.get("dtype", "float32") != "float32" else []
     words += ["int8"] if params.get("quantize", "none") == "int8" else []

@@ -34,7 +34,7 @@ from .parking import HostCopy
 from .precision import compute_in
 from .errors import CheckpointError, InputError, SdliteError
 from .tokenizer import get_tokenizer
-from .vaefile import load_vae, read_vae_tensors, vae_config, vae_name
+from .vaefile import build_vae, fit_vae, read_vae_tensors, vae_name
 
 Callback = Callable[[int, int, torch.Tensor], None]
 
@@ -333,8 +333,7 @@ class StableDiffusion:
             raise InputError(f"vae must be a path to a VAE file or folder, got {type(vae).__name__}")
         path = Path(vae).expanduser()
         tensors = read_vae_tensors(path)
-        latents = None if self.checkpoint.has_vae else self.config.unet.out_channels  # no VAE of its own
-        self.config = replace(self.config, vae=vae_config(path, tensors, self.config.vae, latents))
+        self.config = replace(self.config, vae=fit_vae(path, tensors, self.checkpoint))
         return path, tensors
 
     def load_component(self, component: str) -> torch.nn.Module:
@@ -345,7 +344,8 @@ class StableDiffusion:
             tensors = read_vae_tensors(self.vae_file) if tensors is None else tensors
             stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
             load_dtype, wrap = self._load_dtype(stored)
-            model = load_vae(self.vae_file, self.config.vae, self.load_device("vae"), load_dtype, tensors)
+            # config.vae is the file's, checked when the pipeline was made
+            model = build_vae(self.config.vae, tensors, self.load_device("vae"), load_dtype)
             del tensors
             # the file was read for this load alone: its pages can go once the weights are packed
             return self.prepare("vae", compute_in(model, self.dtype) if wrap else model, release=True)
@@ -663,7 +663,7 @@ class StableDiffusion:
     def _sigmas(self, job: _Job) -> torch.Tensor:
         return samplers.get_sigmas(job.sampler, job.steps, job.karras, alphas_cumprod=self.alphas_cumprod)
 
-    def _run_options(self) -> dict:
+    def run_options(self) -> dict:
         """The options of this pipeline that change the image: compute dtype, int8 weights (asked
         for or from an int8 file), fast mode where it applies, EMA weights."""
         return {"dtype": str(self.dtype).removeprefix("torch."),
@@ -678,7 +678,7 @@ class StableDiffusion:
                  "steps": job.steps, "sampler": job.sampler, "sampler_label": samplers.sampler_label(job.sampler, job.karras),
                  "karras": job.karras, "cfg_scale": job.guidance_scale, "width": job.width, "height": job.height,
                  "clip_skip": job.clip_skip, "model": self.checkpoint.path.stem, "architecture": self.config.name,
-                 "vae": vae_name(self.vae_file) if self.vae_file else None, **self._run_options()}
+                 "vae": vae_name(self.vae_file) if self.vae_file else None, **self.run_options()}
             if job.eta is not None and job.sampler in ETA_SAMPLERS:
                 p["eta"] = job.eta
             params.append({**p, **extra})

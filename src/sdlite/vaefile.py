@@ -97,12 +97,23 @@ def vae_config(path: str | Path, tensors: dict[str, torch.Tensor], model_vae: VA
     return cfg
 
 
+def fit_vae(path: str | Path, tensors: dict[str, torch.Tensor], ckpt: "ck.Checkpoint") -> VAEConfig:
+    """vae_config() for a VAE file given to a checkpoint: one with a VAE of its own needs the same
+    latent space; one without (a "no-VAE" file) only its UNet's latent channels."""
+    return vae_config(path, tensors, ckpt.config.vae, None if ckpt.has_vae else ckpt.config.unet.out_channels)
+
+
 def load_vae(path: str | Path, model_vae: VAEConfig, device: str | torch.device = "cpu",
-             dtype: torch.dtype | None = None, tensors: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
-    """sdlite's AutoencoderKL from a standalone VAE file, checked against the model's VAE config
-    (`tensors`: the file's read_vae_tensors(), when the caller has them already)."""
-    tensors = read_vae_tensors(path) if tensors is None else tensors
-    cfg = vae_config(path, tensors, model_vae)
+             dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """sdlite's AutoencoderKL from a standalone VAE file, checked against the model's VAE config."""
+    tensors = read_vae_tensors(path)
+    return build_vae(vae_config(path, tensors, model_vae), tensors, device, dtype)
+
+
+def build_vae(cfg: VAEConfig, tensors: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+              dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The AutoencoderKL of an already checked `cfg` (vae_config) from a VAE file's tensors;
+    `dtype` None keeps the stored one."""
     with torch.device("meta"):
         vae = AutoencoderKL(cfg)
     state = {k: v.to(device=device, dtype=dtype or v.dtype) if v.is_floating_point() else v.to(device)
